@@ -1,0 +1,1 @@
+"""masa: Matrix Atom Sharing."""

@@ -1,0 +1,175 @@
+"""Matrix atoms shared across blocks, and the linear layer that combines them.
+
+An :class:`AtomDictionary` owns S atoms of one projection type, each the shape of one projection
+weight (d_out x d_in, the ``nn.Linear`` layout). It is registered exactly once in the model (under
+``model.masa_bank``). Every block that shares it holds a :class:`SharedLinear`, which stores only its
+S coefficients (and its own bias) plus a reference to the dictionary that is deliberately *not* a
+registered submodule: ``state_dict()`` then holds one key per atom bank, and ``.to()``, ``deepcopy``
+and autograd all see a single tensor.
+
+Weight of block l:  W_l = sum_s c[l, s] * D_s   -- one contraction over the atoms per forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CoefficientGenerator(nn.Module):
+    """The paper's training-time coefficient generator: per-block embedding -> 3-layer MLP -> C.
+
+    Produces the (n_blocks x n_atoms) coefficient matrix of one dictionary. After training it is
+    collapsed into plain per-layer coefficients (:meth:`AtomDictionary.collapse_generator`).
+    """
+
+    def __init__(self, n_blocks: int, n_atoms: int, embed_dim: int = 64, hidden: int = 64):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(n_blocks, embed_dim) / math.sqrt(embed_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, n_atoms),
+        )
+        # Start near the plain-coefficient init scale (std 1/sqrt(S)) so a generated model trains
+        # like one with free coefficients from step 0.
+        with torch.no_grad():
+            self.mlp[-1].weight.mul_(0.1)
+            self.mlp[-1].bias.normal_(0.0, 1.0 / math.sqrt(n_atoms))
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding)  # (n_blocks, n_atoms)
+
+
+class AtomDictionary(nn.Module):
+    """Owner of the S matrix atoms of one projection type within one group of blocks.
+
+    Args:
+        n_atoms: S, number of atoms.
+        out_features, in_features: shape of every projection that combines these atoms.
+        n_blocks: how many blocks (layers) of the group share this dictionary.
+        role: projection type it serves (``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"up"`` ...).
+        generator: attach the paper's coefficient generator (training only).
+    """
+
+    def __init__(
+        self,
+        n_atoms: int,
+        out_features: int,
+        in_features: int,
+        n_blocks: int,
+        role: str = "",
+        generator: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if n_atoms < 1:
+            raise ValueError(f"a dictionary needs at least one atom, got n_atoms={n_atoms}")
+        if n_atoms > n_blocks:
+            raise ValueError(
+                f"{n_atoms} atoms for {n_blocks} blocks: a dictionary cannot have more atoms than the "
+                "blocks that share it; lower the atoms (or raise the ratio) or enlarge the group"
+            )
+        self.n_atoms = n_atoms
+        self.out_features = out_features
+        self.in_features = in_features
+        self.n_blocks = n_blocks
+        self.role = role
+        self.atoms = nn.Parameter(torch.empty(n_atoms, out_features, in_features, device=device, dtype=dtype))
+        self.generator = CoefficientGenerator(n_blocks, n_atoms).to(device=device) if generator else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"role={self.role!r}, n_atoms={self.n_atoms}, shape=({self.out_features}, {self.in_features}), "
+            f"n_blocks={self.n_blocks}, generator={self.generator is not None}"
+        )
+
+    def weights(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Combine atoms: coefficients (..., S) -> weights (..., d_out, d_in)."""
+        return torch.tensordot(coefficients.to(self.atoms.dtype), self.atoms, dims=1)
+
+    def collapse_generator(self, layers: list[SharedLinear]) -> None:
+        """Write the generator's coefficients into the layers and drop the generator."""
+        if self.generator is None:
+            return
+        with torch.no_grad():
+            coeffs = self.generator()  # (n_blocks, S)
+        for layer in layers:
+            layer.coefficients = nn.Parameter(coeffs[layer.index].detach().clone())
+        self.generator = None
+
+
+class SharedLinear(nn.Module):
+    """A linear layer whose weight is a combination of shared atoms: W = sum_s c_s D_s.
+
+    Holds its coefficients (S,) and optional bias (d_out,); the dictionary is an unregistered
+    reference set with :meth:`bind`. Drop-in for ``nn.Linear`` (and GPT-2's ``Conv1D``):
+    ``y = x W^T + b``.
+    """
+
+    def __init__(
+        self,
+        dictionary: AtomDictionary,
+        index: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features = dictionary.in_features
+        self.out_features = dictionary.out_features
+        self.index = index
+        self.bind(dictionary)
+        self.coefficients: nn.Parameter | None = (
+            None
+            if dictionary.generator is not None
+            else nn.Parameter(torch.empty(dictionary.n_atoms, device=device, dtype=dtype))
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
+        )
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def bind(self, dictionary: AtomDictionary) -> None:
+        """Point this layer at its (externally owned) dictionary without registering it."""
+        object.__setattr__(self, "_dictionary", dictionary)
+
+    @property
+    def dictionary(self) -> AtomDictionary:
+        return self._dictionary
+
+    def current_coefficients(self) -> torch.Tensor:
+        """This layer's coefficients (S,), from the generator while one is attached."""
+        d = self._dictionary
+        if d.generator is not None:
+            return d.generator()[self.index]
+        return self.coefficients
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The materialised weight (d_out, d_in). Cached while no gradient is needed."""
+        d = self._dictionary
+        coeffs = self.current_coefficients()
+        if torch.is_grad_enabled() and (d.atoms.requires_grad or coeffs.requires_grad):
+            self._cache = None
+            return d.weights(coeffs)
+        # Inference: rebuild only when the atoms or coefficients changed (tensor version counters).
+        key = (id(d.atoms), d.atoms._version, coeffs.data_ptr(), coeffs._version, d.atoms.device.index or 0)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, d.weights(coeffs.detach()).detach())
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, index={self.index}, "
+            f"n_atoms={self._dictionary.n_atoms}, bias={self.bias is not None}"
+        )
