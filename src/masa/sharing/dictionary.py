@@ -131,9 +131,7 @@ class SharedLinear(nn.Module):
             if dictionary.generator is not None
             else nn.Parameter(torch.empty(dictionary.n_atoms, device=device, dtype=dtype))
         )
-        self.bias = (
-            nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
-        )
+        self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def bind(self, dictionary: AtomDictionary) -> None:

@@ -54,7 +54,9 @@ class ShareConfig:
             self.targets = (self.targets,)
         self.targets = tuple(self.targets)
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"targets must be a non-empty list of role names or module paths, got {self.targets!r}")
+            raise ValueError(
+                f"targets must be a non-empty list of role names or module paths, got {self.targets!r}"
+            )
         if (self.atoms is None) == (self.ratio is None):
             raise ValueError("give exactly one budget: atoms=S (atoms per dictionary) or ratio=R in (0, 1)")
         if self.ratio is not None:
@@ -137,7 +139,9 @@ def _resolve_groups(groups: int | list[list[int]] | None, n_blocks: int) -> list
         if groups > n_blocks:
             raise ValueError(f"{groups} groups for {n_blocks} blocks: use at most one group per block")
         size = n_blocks / groups
-        return [list(range(math.floor(g * size + 0.5), math.floor((g + 1) * size + 0.5))) for g in range(groups)]
+        return [
+            list(range(math.floor(g * size + 0.5), math.floor((g + 1) * size + 0.5))) for g in range(groups)
+        ]
     flat = [i for g in groups for i in g]
     if not all(isinstance(g, (list, tuple)) and g for g in groups) or len(set(flat)) != len(flat):
         raise ValueError(f"groups must be disjoint non-empty lists of block indices, got {groups!r}")
@@ -165,6 +169,8 @@ def plan_sharing(model: nn.Module, config: ShareConfig) -> tuple[str, list[Dicti
                     module = blocks[i].get_submodule(path)
                 except AttributeError:
                     continue
+                if isinstance(module, SharedLinear):
+                    raise ValueError(f"{name} is already shared in this model; share each projection once")
                 weight, bias = linear_weight(module)
                 members.append(i)
                 shapes.add(tuple(weight.shape))
@@ -188,7 +194,9 @@ def plan_sharing(model: nn.Module, config: ShareConfig) -> tuple[str, list[Dicti
                 )
             key = re.sub(r"\W", "_", role) + f"_g{g}"
             plans.append(
-                DictionaryPlan(key, role, path, members, n_atoms, [d_out, d_in], True in biases, config.generator)
+                DictionaryPlan(
+                    key, role, path, members, n_atoms, [d_out, d_in], True in biases, config.generator
+                )
             )
         if not found:
             raise ValueError(
@@ -212,7 +220,7 @@ def build_sharing(model: nn.Module, blocks_path: str, plans: list[DictionaryPlan
             plan.n_atoms, *plan.shape, len(plan.members), plan.role, plan.generator, device, dtype
         )
         layers = [SharedLinear(dictionary, pos, plan.bias, device, dtype) for pos in range(len(plan.members))]
-        if init != "empty":
+        if init != "empty" and device.type != "meta":
             _initialise(dictionary, layers, originals, init, plan)
         bank.dictionaries[plan.key] = dictionary
         for i, layer in zip(plan.members, layers, strict=True):
@@ -240,7 +248,9 @@ def _initialise(
             layer.bias.copy_(bias)
 
 
-def share(model: nn.Module, config: ShareConfig | None = None, *, record: bool = True, **kwargs) -> ShareReport:
+def share(
+    model: nn.Module, config: ShareConfig | None = None, *, record: bool = True, **kwargs
+) -> ShareReport:
     """Convert ``model`` in place so the target projections share matrix atoms across blocks.
 
     Pass a :class:`ShareConfig` or its fields as keywords, e.g. ``share(model, atoms=4)`` or

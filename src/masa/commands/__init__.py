@@ -1,0 +1,1 @@
+"""Command-line subcommands that belong to no single subpackage (info, sample, demo)."""
