@@ -63,11 +63,13 @@ def _walk(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _params(module: nn.Module) -> list[nn.Parameter]:
+    """The module's own parameters plus the atoms (and generator) of any dictionary it references."""
     params = list(module.parameters())
-    if isinstance(module, SharedLinear):
-        params.append(module.dictionary.atoms)
-        if module.dictionary.generator is not None:
-            params.extend(module.dictionary.generator.parameters())
+    for sub in module.modules():
+        if isinstance(sub, SharedLinear):
+            params.append(sub.dictionary.atoms)
+            if sub.dictionary.generator is not None:
+                params.extend(sub.dictionary.generator.parameters())
     return params
 
 

@@ -1,0 +1,92 @@
+"""Causal self-attention with pluggable projections, rotary positions, and the layer-to-module maps.
+
+One :class:`Attention` class serves every variant: the variant only decides which module computes
+each of Q, K, V, O (``nn.Linear``, :class:`LowRankLinear`, or after MASA surgery a ``SharedLinear``)
+and, for seq/cycle sharing, which blocks reuse which module (:func:`module_assignment`).
+Rotary positions follow Hugging Face Llama exactly (rotate_half, non-interleaved) so export is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masa.layers import LowRankLinear
+from masa.model.config import MasaLMConfig
+
+
+def projection(config: MasaLMConfig, in_features: int, out_features: int) -> nn.Module:
+    """The module computing one attention projection for this variant (bias-free, as in Llama)."""
+    if config.attention == "lowrank":
+        return LowRankLinear(in_features, out_features, config.rank)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def module_assignment(config: MasaLMConfig) -> list[int]:
+    """Index of the unique attention module each block uses (seq-share: AABBCC, cycle-share: ABCABC).
+
+    seq-share gives block l module floor(l * M / L): contiguous runs whose lengths differ by at most
+    one when L is not divisible by M. Other variants: every block has its own module.
+    """
+    n_layer, n_unique = config.n_layer, config.n_unique
+    if config.attention == "seq-share":
+        return [layer * n_unique // n_layer for layer in range(n_layer)]
+    if config.attention == "cycle-share":
+        return [layer % n_unique for layer in range(n_layer)]
+    return list(range(n_layer))
+
+
+def rotary_cos_sin(config: MasaLMConfig, seq_len: int, device: torch.device, dtype: torch.dtype):
+    """Rotary tables (T, head_dim) as Llama builds them (float32, then cast).
+
+    Computed per call rather than held in a buffer, so a model built on ``meta`` and loaded with
+    ``assign=True`` needs no buffer fix-up.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd)
+    )
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by position: x cos + rotate_half(x) sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped K/V heads; projections named as in Llama."""
+
+    def __init__(self, config: MasaLMConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        d, d_kv = config.d_model, config.kv_heads * config.head_dim
+        self.q_proj = projection(config, d, d)
+        self.k_proj = projection(config, d, d_kv)
+        self.v_proj = projection(config, d, d_kv)
+        self.o_proj = projection(config, d, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_head != self.n_head:  # each K/V head serves n_head / n_kv_head consecutive query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, T, hd)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def projections(self) -> list[nn.Module]:
+        """The Q, K, V, O modules, in that order."""
+        return [self.q_proj, self.k_proj, self.v_proj, self.o_proj]

@@ -1,0 +1,144 @@
+"""The native pre-norm decoder LM (Llama layout and parameter names) with every MASA-paper attention variant.
+
+Parameter names mirror ``transformers.LlamaForCausalLM`` minus its ``model.`` prefix, so export is a
+rename. Seq/cycle sharing: the M unique attention modules are owned once by ``shared_attn``; each
+block holds an *unregistered* reference (one state_dict key per unique module, safetensors-safe;
+``.to()``, ``deepcopy`` and autograd see one module). MASA: the dense model is built, then the
+sharing surgery (``masa.sharing.share``) replaces the projections by shared-atom layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from masa.model.attention import Attention, LowRankLinear, module_assignment, rotary_cos_sin
+from masa.model.config import MasaLMConfig
+
+_SHARED_MODULE_VARIANTS = ("seq-share", "cycle-share")
+_MASA_TARGETS = {"masa-qkv": ("q", "k", "v"), "masa-qkvo": ("q", "k", "v", "o")}
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, scale by a learned weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MasaLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ff_dim, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ff_dim, bias=False)
+        self.down_proj = nn.Linear(config.ff_dim, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block. ``shared_attn``: reuse a module owned elsewhere (not registered here)."""
+
+    def __init__(self, config: MasaLMConfig, shared_attn: Attention | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        if shared_attn is None:
+            self.self_attn = Attention(config)
+        else:
+            object.__setattr__(self, "self_attn", shared_attn)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MasaLM(nn.Module):
+    """Decoder-only LM: ``forward(input_ids (B, T)) -> logits (B, T, vocab)``."""
+
+    def __init__(self, config: MasaLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.attention in _SHARED_MODULE_VARIANTS:
+            self.shared_attn = nn.ModuleList(Attention(config) for _ in range(config.n_unique))
+            self.layers = nn.ModuleList(Block(config, self.shared_attn[i]) for i in module_assignment(config))
+        else:
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._init_weights()
+        if config.attention in _MASA_TARGETS:
+            from masa.sharing import share  # deferred: masa.sharing knows this model via its adapter table
+
+            share(
+                self,
+                targets=_MASA_TARGETS[config.attention],
+                atoms=config.n_atoms,
+                init="random",
+                generator=config.coef_generator,
+                record=False,
+            )
+
+    def tie_weights(self) -> None:
+        """Share the output head with the embedding when configured (call again after ``assign=True`` loads)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        """N(0, init_std) everywhere; residual outputs (o_proj, down_proj) scaled by 1/sqrt(2 L) (GPT-2)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            scaled = (
+                std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else std
+            )
+            if isinstance(module, LowRankLinear):
+                module.reset_parameters(scaled)
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.lm_head:
+                nn.init.normal_(module.weight, 0.0, scaled)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}: crop the input"
+            )
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        cos, sin = rotary_cos_sin(self.config, seq_len, x.device, x.dtype)  # (T, hd) each
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """Unique parameters of all attention projections; shared atoms (and a coefficient generator) once."""
+        seen: dict[int, nn.Parameter] = {}
+        for block in self.layers:
+            for proj in block.self_attn.projections():
+                params = list(proj.parameters())
+                dictionary = getattr(proj, "dictionary", None)  # SharedLinear: atoms live in the bank
+                if dictionary is not None:
+                    params += list(dictionary.parameters())
+                seen.update((id(p), p) for p in params)
+        return list(seen.values())
+
+    def dense_attention_params(self) -> int:
+        """Attention parameters of this shape with dense multi-head attention: L (2 d^2 + 2 d d_kv), d_kv = d."""
+        d = self.config.d_model
+        return self.config.n_layer * 4 * d * d
