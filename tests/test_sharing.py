@@ -181,3 +181,22 @@ def test_sharing_twice_is_refused():
     share(model, atoms=2, targets=["q"])
     with pytest.raises(ValueError, match="already shared"):
         share(model, atoms=2, targets=["q"], blocks="model.layers")
+
+
+def test_native_generator_model_saves_and_loads_after_collapse(tmp_path, ids):
+    from masa.model import MasaLM, MasaLMConfig
+
+    config = MasaLMConfig(
+        vocab_size=64,
+        n_layer=3,
+        n_head=4,
+        d_model=32,
+        max_seq_len=16,
+        attention="masa-qkvo",
+        n_atoms=2,
+        coef_generator=True,
+    )
+    model = MasaLM(config).eval()
+    collapse_generators(model)
+    masa.save(model, tmp_path / "m")
+    torch.testing.assert_close(masa.load(tmp_path / "m")(ids), model(ids), atol=0, rtol=0)

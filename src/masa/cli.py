@@ -11,6 +11,7 @@ COMMANDS = (
     "masa.train.command",
     "masa.commands.info",
     "masa.commands.sample",
+    "masa.compress.command",
     "masa.eval.command",
     "masa.commands.demo",
 )

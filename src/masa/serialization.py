@@ -57,6 +57,9 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
         raise FileExistsError(f"{directory} already exists; choose another output or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a saved model gets ordinary permissions
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -280,6 +280,9 @@ def collapse_generators(model: nn.Module) -> None:
     for op in surgery.operations(model):
         for entry in op.get("dictionaries", []):
             entry["generator"] = False
+    config = getattr(model, "config", None)
+    if getattr(config, "coef_generator", False):  # native models build the generator from their config
+        config.coef_generator = False
 
 
 @surgery.register_replay("unfuse_qkv")

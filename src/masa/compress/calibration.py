@@ -1,0 +1,459 @@
+"""Calibration statistics of the layers to compress, gathered block by block.
+
+The N calibration sequences are streamed through the model one block at a time: the inputs of the
+first block (and the keyword arguments the model passes it: attention mask, rotary tables, position
+ids ...) are captured once, then each block runs on the stored hidden states while forward pre-hooks on
+its target layers accumulate X^T X in float64 (once per distinct input: Q, K and V share one) and the
+channel means of |x|. The block's outputs become the next block's inputs, so peak memory is about one
+block's activations, the stored hidden states and the Gram matrices. Causal LMs also get the logit-lens
+drift between consecutive blocks (MASA's grouping signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from masa.adapters import find_blocks, get_adapter
+
+STATS_VERSION = 1  # bump when the statistics or their file layout change (invalidates caches)
+LENS_CHUNK = 1024  # tokens per logit-lens chunk: bounds the (chunk, vocab) logits held at once
+
+# family -> modules mapping a block's hidden state to next-token logits (final norm ..., head);
+# a missing or None module before the head is skipped (OPT without project_out)
+LOGIT_LENS = {
+    "masa_lm": ("norm", "lm_head"),
+    "llama": ("model.norm", "lm_head"),
+    "gpt2": ("transformer.ln_f", "lm_head"),
+    "opt": ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+}
+
+
+@dataclass
+class CalibrationStats:
+    """Input statistics of the target layers over the calibration rows.
+
+    Attributes:
+        grams: module name -> X^T X (d_in, d_in) float64, summed over rows; modules fed the same input
+            (q/k/v of a block; gate/up) share one tensor object.
+        abs_mean: module name -> mean |x| per input channel (d_in,) float64 (ASVD's scales); shared
+            like ``grams``.
+        n_rows: calibration rows (tokens) accumulated.
+        block_kl: causal LMs: KL(p_l || p_{l+1}) between the logit-lens next-token distributions of
+            consecutive blocks, averaged over tokens (length L - 1); None for encoders.
+        n_samples, seq_len: the calibration batch shape (N, T).
+        peak_memory_bytes: peak memory growth while calibrating (device allocator, or process RSS on CPU).
+        seconds: wall time of the calibration.
+    """
+
+    grams: dict[str, torch.Tensor]
+    abs_mean: dict[str, torch.Tensor]
+    n_rows: int
+    block_kl: list[float] | None
+    n_samples: int = 0
+    seq_len: int = 0
+    peak_memory_bytes: int = 0
+    seconds: float = 0.0
+    streamed: bool = field(default=True, compare=False)
+
+    def summary(self) -> dict:
+        """JSON-able summary for reports and config.json."""
+        return {
+            "samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "rows": self.n_rows,
+            "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 2),
+            "seconds": round(self.seconds, 3),
+            "streamed": self.streamed,
+            "block_kl": self.block_kl,
+        }
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+class _PeakMemory:
+    """Peak memory above the starting point: the CUDA allocator's peak, else sampled process RSS."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            self.base = self._rss()
+        self.device, self.peak = device, self.base
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime high-water mark is the best available
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, self._rss())
+
+    def bytes(self) -> int:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.peak
+        return max(0, peak - self.base)
+
+
+# ------------------------------------------------------------------------------------- accumulation
+
+
+class _Accumulator:
+    """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules."""
+
+    def __init__(self, meter: _PeakMemory):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.meter = meter
+        self._owner: dict[str, str] = {}  # module name -> name of the module whose sums it shares
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one forward
+
+    @contextlib.contextmanager
+    def hooks(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def new_forward(self) -> None:
+        """Forget the inputs of the previous forward (their ids may be reused)."""
+        self._seen.clear()
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if id(x) in self._seen:  # same input as an earlier module of this forward: share its sums
+                self._owner.setdefault(name, self._seen[id(x)][1])
+                return
+            self._seen[id(x)] = (x, name)
+            owner = self._owner.setdefault(name, name)
+            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (B*T, d_in)
+            if owner not in self.grams:
+                self.grams[owner] = rows.new_zeros(rows.shape[1], rows.shape[1])
+                self.abs_sums[owner] = rows.new_zeros(rows.shape[1])
+            self.grams[owner].addmm_(rows.T, rows)
+            self.abs_sums[owner] += rows.abs().sum(0)
+            self.meter.sample()
+
+        return hook
+
+    def shared(self, n_rows: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per module name: its Gram and mean |x| (one tensor object per distinct input)."""
+        means = {owner: total / n_rows for owner, total in self.abs_sums.items()}
+        grams = {name: self.grams[owner] for name, owner in self._owner.items()}
+        return grams, {name: means[owner] for name, owner in self._owner.items()}
+
+
+# ------------------------------------------------------------------------------------- streaming
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass at the first block."""
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) each batch passes to ``block`` (the first block), stopping the forward there."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Stop):
+                model(batch, **_model_kwargs(model))
+    finally:
+        handle.remove()
+    return captured
+
+
+def _lens(model: nn.Module) -> list[nn.Module] | None:
+    """The modules of the logit lens (final norm ..., output head), or None (encoders, no head)."""
+    paths = LOGIT_LENS.get(get_adapter(model).family)
+    if paths is None:
+        return None
+    modules = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        if module is None and path == paths[-1]:
+            return None  # a base model without its head
+        if module is not None:
+            modules.append(module)
+    return modules
+
+
+def _lens_kl(lens: list[nn.Module], before: torch.Tensor, after: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of KL(p_before || p_after) of the logit-lens distributions, and the token count."""
+    before, after = before.reshape(-1, before.shape[-1]), after.reshape(-1, after.shape[-1])  # (rows, d)
+    total = 0.0
+    for start in range(0, before.shape[0], LENS_CHUNK):
+        logp = []
+        for hidden in (before[start : start + LENS_CHUNK], after[start : start + LENS_CHUNK]):
+            for module in lens:
+                hidden = module(hidden)
+            logp.append(F.log_softmax(hidden.to(torch.float64), dim=-1))  # (chunk, V)
+        total += float(F.kl_div(logp[1], logp[0], log_target=True, reduction="sum"))
+    return total, before.shape[0]
+
+
+def _has_adapter(model: nn.Module) -> bool:
+    try:
+        get_adapter(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_modules(model: nn.Module, module_names: list[str]) -> tuple[nn.ModuleList, list[dict]]:
+    """The blocks, and per block the target modules inside it (raises for a target outside the blocks)."""
+    blocks_path, blocks = find_blocks(model)
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    for name in module_names:
+        index, _, _ = name.removeprefix(blocks_path + ".").partition(".")
+        if not name.startswith(blocks_path + ".") or not index.isdigit():
+            raise ValueError(
+                f"{name} lies outside the blocks at {blocks_path!r}; block-by-block calibration covers "
+                "only modules inside the blocks: exclude it from the targets"
+            )
+        per_block[int(index)][name] = model.get_submodule(name)
+    return blocks, per_block
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    module_names: list[str],
+    logit_lens: bool = True,
+    batch_size: int = 8,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> CalibrationStats:
+    """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens`` (N, T).
+
+    Streams block by block for models with an architecture adapter; other models run whole forward
+    passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``).
+    """
+    if tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
+        raise ValueError(
+            f"calibration tokens must be a non-empty (N, T) integer tensor, got {tuple(tokens.shape)}"
+        )
+    if not module_names:
+        raise ValueError("no modules to calibrate: give at least one target module name")
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    batches = list(tokens.split(batch_size))
+    start, meter = time.perf_counter(), _PeakMemory(device)
+    accumulator = _Accumulator(meter)
+    was_training = model.training
+    model.eval()
+    streamed = _has_adapter(model)
+    try:
+        if streamed:
+            blocks, per_block = _block_modules(model, module_names)
+            lens = _lens(model) if logit_lens else None
+            block_kl = _stream(model, batches, blocks, per_block, accumulator, lens, progress)
+        else:
+            _calibrate_whole(model, batches, module_names, accumulator)
+            block_kl = None
+    finally:
+        model.train(was_training)
+    grams, abs_mean = accumulator.shared(tokens.numel())
+    if missing := [n for n in module_names if n not in grams]:
+        raise ValueError(f"modules {missing[:5]} never ran during calibration; they cannot be calibrated")
+    return CalibrationStats(
+        grams, abs_mean, tokens.numel(), block_kl, tokens.shape[0], tokens.shape[1], meter.bytes(),
+        time.perf_counter() - start, streamed,
+    )  # fmt: skip
+
+
+def _stream(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    blocks: nn.ModuleList,
+    per_block: list[dict[str, nn.Module]],
+    accumulator: _Accumulator,
+    lens: list[nn.Module] | None,
+    progress: Callable | None,
+) -> list[float] | None:
+    """Run the blocks one at a time over the stored hidden states; returns the logit-lens KLs."""
+    inputs = _capture_block_inputs(model, blocks[0], batches)  # per batch: (args, kwargs) of block 0
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]  # (B, T, d) each
+    block_kl: list[float] = []
+    indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
+    for i in indices:
+        kl_sum = kl_rows = 0
+        with accumulator.hooks(per_block[i]):
+            for b, (args, kwargs) in enumerate(inputs):
+                accumulator.new_forward()
+                call_args, call_kwargs = _replace_hidden(args, kwargs, hidden[b])
+                out = _hidden(blocks[i](*call_args, **call_kwargs))  # (B, T, d)
+                if lens is not None and i > 0:
+                    kl, rows = _lens_kl(lens, hidden[b], out)
+                    kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
+                hidden[b] = out
+                accumulator.meter.sample()
+        accumulator.new_forward()
+        if lens is not None and i > 0:
+            block_kl.append(kl_sum / kl_rows)
+    return block_kl if lens is not None else None
+
+
+def _calibrate_whole(
+    model: nn.Module, batches: list[torch.Tensor], module_names: list[str], accumulator: _Accumulator
+) -> None:
+    """Fallback without an architecture adapter: whole forward passes with the same hooks (no lens)."""
+    modules = {name: model.get_submodule(name) for name in module_names}
+    with accumulator.hooks(modules):
+        for batch in batches:
+            accumulator.new_forward()
+            model(batch, **_model_kwargs(model))
+    accumulator.new_forward()
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def calibration_cache_key(
+    model: nn.Module | str | os.PathLike, tokens: torch.Tensor, module_names: list[str]
+) -> str:
+    """A hex digest identifying (model weights, calibration tokens, target modules).
+
+    A model directory is identified by its config.json and its weight files' names, sizes and
+    modification times (no need to read gigabytes); an in-memory model by the bytes of its state dict.
+    """
+    digest = hashlib.sha256(f"masa-calibration-v{STATS_VERSION}".encode())
+    if isinstance(model, nn.Module):
+        for key, tensor in model.state_dict().items():
+            digest.update(key.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        directory = Path(model)
+        digest.update((directory / "config.json").read_bytes())
+        for file in sorted(directory.glob("*.safetensors")):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    tokens = tokens.detach().cpu().to(torch.int64).contiguous()
+    digest.update(str(tuple(tokens.shape)).encode())
+    digest.update(tokens.numpy().tobytes())
+    digest.update(json.dumps(sorted(module_names)).encode())
+    return digest.hexdigest()[:32]
+
+
+def save_stats(stats: CalibrationStats, path: str | os.PathLike) -> Path:
+    """Write ``stats`` to one safetensors file (shared tensors once; the rest as JSON metadata), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owners: dict[int, str] = {}  # id(gram) -> key of its first module
+    tensors: dict[str, torch.Tensor] = {}
+    for name, gram in stats.grams.items():
+        if id(gram) not in owners:
+            owners[id(gram)] = name
+            tensors[f"gram/{name}"] = gram.detach().cpu().contiguous()
+            tensors[f"abs_mean/{name}"] = stats.abs_mean[name].detach().cpu().contiguous()
+    meta = {
+        "version": STATS_VERSION,
+        "shares": {name: owners[id(gram)] for name, gram in stats.grams.items()},
+        "n_rows": stats.n_rows,
+        "block_kl": stats.block_kl,
+        "n_samples": stats.n_samples,
+        "seq_len": stats.seq_len,
+        "peak_memory_bytes": stats.peak_memory_bytes,
+        "seconds": stats.seconds,
+        "streamed": stats.streamed,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"masa_calibration": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_stats(path: str | os.PathLike) -> CalibrationStats:
+    """Read statistics written by :func:`save_stats` (shared Grams come back as one tensor object)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["masa_calibration"])
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (no __iter__)
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path} is not a masa calibration file ({err}); delete it to recalibrate") from err
+    if meta.get("version") != STATS_VERSION:
+        raise ValueError(
+            f"{path} holds calibration format {meta.get('version')}, not {STATS_VERSION}; delete it"
+        )
+    shares = meta["shares"]
+    grams = {name: tensors[f"gram/{owner}"] for name, owner in shares.items()}
+    abs_mean = {name: tensors[f"abs_mean/{owner}"] for name, owner in shares.items()}
+    return CalibrationStats(
+        grams, abs_mean, meta["n_rows"], meta["block_kl"], meta["n_samples"], meta["seq_len"],
+        meta["peak_memory_bytes"], meta["seconds"], meta["streamed"],
+    )  # fmt: skip
+
+
+def cached_calibrate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    module_names: list[str],
+    cache_dir: str | os.PathLike | None,
+    source: str | os.PathLike | None = None,
+    **kwargs,
+) -> tuple[CalibrationStats, bool]:
+    """:func:`calibrate` through a cache directory (None: no cache); returns (stats, whether it was cached).
+
+    ``source`` (the model directory it was loaded from) makes the key cheap; else the weights are hashed.
+    """
+    if cache_dir is None:
+        return calibrate(model, tokens, module_names, **kwargs), False
+    key = calibration_cache_key(source if source is not None else model, tokens, module_names)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.exists():
+        return load_stats(path), True
+    stats = calibrate(model, tokens, module_names, **kwargs)
+    save_stats(stats, path)
+    return stats, False

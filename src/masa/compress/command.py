@@ -1,0 +1,139 @@
+"""``masa compress``: training-free compression of a saved model into a new model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from masa.compress.config import CompressConfig
+from masa.compress.methods import available_methods, get_method
+from masa.compress.pipeline import compress
+from masa.serialization import load, save
+
+DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
+
+
+def _option(text: str) -> tuple[str, object]:
+    """argparse type for ``key=value``: the value read as JSON (numbers, true/false), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``masa compress`` on the top-level CLI's subparsers."""
+    import masa.compress  # noqa: F401 (registers every method)
+
+    parser = subparsers.add_parser(
+        "compress",
+        help="compress a saved model without training (svd, asvd, svd-llm, masa ...)",
+        description=(
+            "Replace the target layers of a saved model by smaller ones, calibrated on a text, and save the "
+            "result as a new model directory. Ratios count the stored numbers of the targeted weights "
+            "(biases included): 1 - after / before."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL_DIR", help="saved model directory (masa or Hugging Face)")
+    parser.add_argument("--method", required=True, choices=available_methods(), help="compression method")
+    parser.add_argument("--ratio", required=True, type=float, metavar="R", help="compression ratio in (0, 1)")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=["attn"],
+        metavar="attn|all-linear|PATTERN",
+        help="attn (q, k, v, o), all-linear (every block projection) or module-name suffixes/regexes",
+    )
+    parser.add_argument(
+        "--exclude", nargs="+", default=[], metavar="PATTERN", help="regexes of modules to keep"
+    )
+    parser.add_argument("--calib", metavar="FILE|NAME", help="calibration text: a file or an eval-set name")
+    parser.add_argument("--calib-samples", type=int, default=32, metavar="N", help="sequences (default 32)")
+    parser.add_argument(
+        "--calib-len", type=int, default=256, metavar="T", help="tokens per sequence (default 256)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of any randomness in the method")
+    parser.add_argument(
+        "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(DEFAULT_CACHE),
+        metavar="D",
+        help=f"calibration cache (default {DEFAULT_CACHE})",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="calibrate afresh and store nothing")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="OUT.json",
+        help="write the result as JSON to OUT.json, or to stdout (instead of the summary) when no file is given",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Compress as the parsed ``masa compress`` arguments say, save, and report."""
+    from tqdm import tqdm
+
+    from masa.data.tokenizer import load_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    config = CompressConfig(
+        args.method, args.ratio, tuple(args.targets), tuple(args.exclude), args.calib_samples, args.calib_len,
+        args.seed, dict(args.option),
+    )  # fmt: skip
+    needs_calibration = bool(get_method(config.method).needs)
+    if needs_calibration and not args.calib:
+        raise ValueError(f"method {config.method!r} calibrates: pass --calib FILE or an eval-set name")
+    start = time.perf_counter()
+    model = load(args.model)
+    tokenizer = load_tokenizer(args.model) if needs_calibration else None
+    load_seconds = time.perf_counter() - start
+    quiet = args.json == "-"
+    result = compress(
+        model,
+        config,
+        args.calib if needs_calibration else None,
+        tokenizer,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        source=args.model,
+        progress=lambda blocks: tqdm(
+            blocks, desc="calibrating", unit="block", disable=quiet, file=sys.stderr
+        ),
+    )
+    start = time.perf_counter()
+    save(model, out, tokenizer_from=args.model, info=result.info, overwrite=args.overwrite)
+    result.seconds = {"load": load_seconds, **result.seconds, "save": time.perf_counter() - start}
+    report = {
+        **result.as_dict(),
+        "model": str(args.model),
+        "out": str(out),
+        "file_bytes": _weights_bytes(out),
+    }
+    if quiet:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return
+    print(result)
+    print(f"  saved {out} ({report['file_bytes'] / 2**20:.2f} MiB of weights)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))

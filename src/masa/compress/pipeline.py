@@ -1,0 +1,226 @@
+"""``masa.compress``: pick the target layers, calibrate, run a method, and check the ratio reached."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from masa import surgery
+from masa.accounting import count
+from masa.adapters import (
+    ATTENTION_ROLES,
+    find_blocks,
+    get_adapter,
+    model_type,
+    supported_families,
+    unfuse_qkv,
+)
+from masa.compress.calibration import CalibrationStats, cached_calibrate
+from masa.compress.config import TARGET_PRESETS, CompressConfig
+from masa.compress.methods import get_method
+from masa.data.tokenizer import encode
+from masa.eval.datasets import load_eval_text
+
+RATIO_TOLERANCE = 0.01  # |reached - requested| allowed, in absolute ratio
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` did: the budget requested and reached, sizes, timings and the method's report.
+
+    Ratios follow DESIGN 2.4: 1 - stored numbers of the targeted weights (biases included) after / before.
+    """
+
+    method: str
+    ratio_requested: float
+    ratio_reached: float
+    targets: list[str]
+    n_modules: int
+    params_before: int
+    params_after: int
+    target_params_before: int
+    target_params_after: int
+    seconds: dict[str, float]
+    calibration: dict | None
+    report: dict
+    info: dict  # for the ``masa`` block of config.json: masa.save(model, out, info=result.info)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.method}: ratio {self.ratio_reached:.4f} reached (requested {self.ratio_requested:.4f}) over "
+            f"{self.n_modules} modules ({', '.join(self.targets)})",
+            f"  targeted params {self.target_params_before:,} -> {self.target_params_after:,}; "
+            f"model params {self.params_before:,} -> {self.params_after:,}",
+            "  time: " + ", ".join(f"{phase} {s:.2f}s" for phase, s in self.seconds.items()),
+        ]
+        if self.calibration:
+            c = self.calibration
+            lines.append(
+                f"  calibration: {c['samples']} x {c['seq_len']} tokens ({c['rows']} rows), "
+                f"peak memory +{c['peak_memory_mb']:.1f} MiB"
+            )
+        return "\n".join(lines)
+
+
+def resolve_targets(model: nn.Module, config: CompressConfig) -> list[str]:
+    """Full names of the modules to compress; unfuses GPT-2's Q/K/V first (recorded) so each is a Linear."""
+    preset = config.targets[0] if config.targets[0] in TARGET_PRESETS else None
+    try:
+        adapter = get_adapter(model)
+    except ValueError as err:
+        if preset is None:
+            adapter = None
+        else:
+            raise ValueError(
+                f"--targets {preset} needs a known architecture: {type(model).__name__} (model_type "
+                f"{model_type(model)!r}) is not one of {supported_families()}; name the layers to compress "
+                "with --targets PATTERN ... (module-name suffixes or regexes, e.g. 'q_proj' 'k_proj')"
+            ) from err
+    if adapter is not None and adapter.fused_qkv is not None:
+        blocks_path, _ = find_blocks(model)
+        if unfuse_qkv(model, blocks_path):
+            surgery.record(model, {"op": "unfuse_qkv", "blocks": blocks_path})
+    if preset is None:
+        return surgery.match_modules(model, config.targets, config.exclude, kinds=_linear_kinds())
+    roles = ATTENTION_ROLES if preset == "attn" else tuple(adapter.roles)
+    blocks_path, blocks = find_blocks(model)
+    names = [
+        f"{blocks_path}.{i}.{adapter.roles[role]}"
+        for i, block in enumerate(blocks)
+        for role in roles
+        if role in adapter.roles and isinstance(_find(block, adapter.roles[role]), _linear_kinds())
+    ]
+    excludes = [re.compile(p) for p in config.exclude]
+    names = [n for n in names if not any(e.search(n) for e in excludes)]
+    if not names:
+        raise ValueError(
+            f"--targets {preset} finds no linear layer to compress in {type(model).__name__} after "
+            f"--exclude {list(config.exclude)}; relax the exclusions"
+        )
+    return names
+
+
+def _find(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _linear_kinds() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer
+
+    return (nn.Linear, Conv1D)
+
+
+def calibration_tokens(
+    calib: str | os.PathLike | torch.Tensor, tokenizer, n_samples: int, seq_len: int
+) -> torch.Tensor:
+    """Calibration batch (N, T): the first N x T tokens of a text (eval-set name or file) or token stream.
+
+    A 2-D tensor is used as it is. Too little text is an error saying how much is needed.
+    """
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim == 2:
+            return calib.long()
+        stream, source = calib.reshape(-1).long(), "the calibration token stream"
+    else:
+        text = load_eval_text(calib)
+        if tokenizer is None:
+            raise ValueError(f"calibration text {calib} needs a tokenizer: pass tokenizer= (or token ids)")
+        stream, source = torch.tensor(encode(tokenizer, text), dtype=torch.long), f"calibration text {calib}"
+    needed = n_samples * seq_len
+    if stream.numel() < needed:
+        raise ValueError(
+            f"{source} has {stream.numel()} tokens but {n_samples} samples x {seq_len} tokens = {needed} are "
+            "needed: give a longer text or lower --calib-samples / --calib-len"
+        )
+    return stream[:needed].reshape(n_samples, seq_len)  # (N, T)
+
+
+def _stored_numbers(model: nn.Module) -> int:
+    """Stored numbers of the whole model (shared tensors once), via ``masa.count`` when it knows the model."""
+    try:
+        return count(model).total
+    except ValueError:  # no adapter: plain unique parameters
+        return sum(p.numel() for p in model.parameters())
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    calib: str | os.PathLike | torch.Tensor | None = None,
+    tokenizer=None,
+    stats: CalibrationStats | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    source: str | os.PathLike | None = None,
+    progress: Callable | None = None,
+) -> CompressResult:
+    """Compress ``model`` in place as ``config`` says and check the ratio reached.
+
+    Args:
+        calib: calibration text (eval-set name or file, tokenized with ``tokenizer``) or token ids;
+            unused by methods that need no statistics, or when ``stats`` is given.
+        stats: precomputed statistics (e.g. from an earlier ratio) covering the target modules.
+        cache_dir: reuse/store statistics there, keyed by model, tokens and targets.
+        source: the directory the model was loaded from (a cheap cache key).
+        progress: iterator wrapper for the per-block calibration loop (e.g. ``tqdm``).
+    Raises ValueError when the reached ratio is off by more than 1 % (the model is then left changed).
+    """
+    method = get_method(config.method)
+    names = resolve_targets(model, config)
+    modules = {name: model.get_submodule(name) for name in names}
+    target_before = sum(p.numel() for m in modules.values() for p in m.parameters())
+    total_before = _stored_numbers(model)
+    seconds: dict[str, float] = {}
+    reused = stats is not None
+    if method.needs and stats is None:
+        if calib is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration data: pass calib= (text or token ids)"
+            )
+        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        start = time.perf_counter()
+        stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
+        seconds["calibration"] = time.perf_counter() - start
+    if method.needs and (missing := [n for n in names if n not in stats.grams]):
+        raise ValueError(
+            f"the calibration statistics do not cover {missing[:3]}; recalibrate for these targets"
+        )
+    start = time.perf_counter()
+    with torch.no_grad():
+        report = method.fn(model, stats if method.needs else None, names, config)
+    seconds["factorisation"] = time.perf_counter() - start
+    total_after = _stored_numbers(model)
+    target_after = target_before - (total_before - total_after)  # nothing outside the targets changes
+    reached = 1.0 - target_after / target_before
+    if abs(reached - config.ratio) > RATIO_TOLERANCE:
+        raise ValueError(
+            f"method {config.method!r} reached ratio {reached:.4f} instead of {config.ratio:.4f} over the "
+            f"{len(names)} targeted modules (biases included, DESIGN 2.4); their shapes are too coarse for this "
+            "budget: choose another ratio or more/larger targets"
+        )
+    calibration = {**stats.summary(), "reused": reused} if method.needs else None
+    info = {
+        "method": config.method,
+        "ratio": config.ratio,
+        "ratio_reached": round(reached, 6),
+        "targets": list(config.targets),
+        "exclude": list(config.exclude),
+        "options": config.options,
+        "calibration": calibration,
+    }
+    return CompressResult(
+        config.method, config.ratio, reached, list(config.targets), len(names), total_before, total_after,
+        target_before, target_after, seconds, calibration, report, info,
+    )  # fmt: skip

@@ -1,0 +1,63 @@
+"""Whitened low-rank factorisation (SVD-LLM): truncate W in the geometry of its calibration inputs.
+
+With X the calibration inputs of a layer (y = x W^T) and G = X^T X = L L^T, the output error of an
+approximation is ||(W - W_hat) X^T||_F^2 = ||(W - W_hat) L||_F^2, so the best rank-r approximation is
+the truncated SVD of W L mapped back with L^{-1}. Any invertible lower-triangular transform works the
+same way: the identity gives plain SVD, a diagonal of channel scales gives ASVD.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_DAMPING_STEPS = 5  # lambda grows 1e-6 -> 1e-2 times the mean |diagonal|; more would distort the layer
+
+
+def cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
+    """Lower L (float64) with L L^T = gram + lambda I, lambda the smallest damping that makes it PD.
+
+    lambda starts at 1e-6 times the mean |diagonal| and grows tenfold per failed attempt (singular
+    Grams are common: dead channels, fewer calibration rows than input features).
+    """
+    gram = gram.to(torch.float64)
+    scale = float(gram.diagonal().abs().mean()) if gram.numel() else 0.0
+    if not torch.isfinite(gram).all() or scale == 0.0:
+        raise ValueError(
+            "the calibration Gram matrix is zero or not finite (the layer saw no calibration input, or "
+            "its inputs overflowed); check the calibration text and run the model in float32 or float64"
+        )
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    damping = 1e-6 * scale
+    for _ in range(MAX_DAMPING_STEPS):
+        chol, info = torch.linalg.cholesky_ex(gram + damping * eye)
+        if int(info) == 0 and torch.isfinite(chol).all():
+            return chol
+        damping *= 10.0
+    raise ValueError(
+        f"the calibration Gram matrix is not positive definite even with damping {damping / 10:.3g} "
+        f"({damping / 10 / scale:.0e} x its mean diagonal): it is not a Gram matrix X^T X; recompute the "
+        "calibration statistics (delete the calibration cache) in float32 or float64"
+    )
+
+
+def whitened_lowrank(
+    weight: torch.Tensor, chol: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors (up (d_out, r), down (r, d_in)), float64, minimising ||(W - up down) L||_F.
+
+    ``chol`` is any invertible lower-triangular transform (d_in, d_in). The singular values are split
+    evenly between the factors (sqrt on each side) so both have comparable scale.
+    """
+    weight, chol = weight.to(torch.float64), chol.to(torch.float64)
+    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root  # (d_out, r)
+    whitened_down = root[:, None] * vh[:rank]  # (r, d_in), in the whitened basis
+    down = torch.linalg.solve_triangular(chol, whitened_down, upper=False, left=False)  # down L = whitened
+    return up, down
+
+
+def whitened_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Output error on the calibration inputs: ||(W - W_hat) X^T||_F^2 = tr((W - W_hat) G (W - W_hat)^T)."""
+    delta = weight.detach().to(torch.float64) - approx.detach().to(torch.float64)  # (d_out, d_in)
+    return float(((delta @ gram.to(torch.float64)) * delta).sum())

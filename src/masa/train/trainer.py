@@ -1,0 +1,270 @@
+"""The training loop: AdamW, warmup + cosine schedule, clipping, held-out evaluation, logs, checkpoints.
+
+Every step is a pure function of (config, step, rank) and the weights and optimizer state: the batch
+comes from `WindowSampler`, the learning rate from `lr_at`, and the random stream (dropout, if any) is
+re-seeded from (seed, step, rank). A run resumed from a checkpoint therefore repeats an uninterrupted
+run exactly. Under torchrun the model is wrapped in DDP and only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import masa
+from masa.data.corpus import (
+    TokenSplits,
+    WindowSampler,
+    default_cache_dir,
+    default_data_dir,
+    eval_batches,
+    load_splits,
+    resolve_files,
+)
+from masa.data.tokenizer import train_tokenizer, vocab_size
+from masa.model import MasaLM
+from masa.runtime import forward_logits
+from masa.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from masa.train.config import ConfigError, DataConfig, TrainConfig, TrainRunConfig
+from masa.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+_NO_DECAY_PARTS = ("coefficient", "generator")  # MASA coefficients and the MLP producing them
+
+
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine from lr to min_lr."""
+    warmup = int(round(warmup_fraction * total_steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))  # 0 -> 1 over the decay
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices (and atom banks); no decay on norms, biases, 1-D params, coefficients."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # shared parameters appear once
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or any(part in name for part in _NO_DECAY_PARTS)
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, resident set size (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prepare_data(cfg: DataConfig, env: DistEnv) -> tuple[Tokenizer, TokenSplits]:
+    """Resolve the files, train (or fetch) the tokenizer and the token split; rank 0 fills the caches first."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    valid_files = resolve_files(cfg.valid_files, data_dir)
+    train_files = [f for f in resolve_files(cfg.train, data_dir) if f not in valid_files]
+    if not train_files:
+        raise ConfigError(
+            "every file in data.train is also in data.valid_files: leave some text for training"
+        )
+    if not env.is_main:
+        barrier(env)  # wait for rank 0 to build the caches, then read them
+    tok = train_tokenizer(train_files, cfg.tokenizer, cfg.vocab_size, cache_dir)
+    splits = load_splits(train_files, valid_files, cfg.valid_fraction, tok, cache_dir)
+    if env.is_main:
+        barrier(env)
+    return tok, splits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, env: DistEnv
+) -> float:
+    """Mean next-token loss on the first `n_batches` held-out batches, shared out over the ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # (loss sum, token count)
+    for x, y in eval_batches(tokens, seq_len, batch_size, n_batches, env.rank, env.world_size):
+        logits = forward_logits(model, x.to(env.device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(env.device).flatten(), reduction="sum")
+        totals += torch.stack(
+            [loss.double(), torch.tensor(float(y.numel()), dtype=torch.float64, device=env.device)]
+        )
+    model.train(was_training)
+    loss_sum, count = all_reduce_sum(env, totals).tolist()
+    return loss_sum / count
+
+
+def _restart_log(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (those of a killed run past its checkpoint go)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainRunConfig, resume: bool = False) -> dict[str, Any]:
+    """Train a MasaLM as configured; returns the run summary (also written to out_dir/summary.json).
+
+    With `resume`, continue from the checkpoint `out_dir/checkpoints/latest` points to (a fresh start
+    when there is none). Run it under torchrun for data parallelism.
+    """
+    env = init_distributed(config.train.device)
+    try:
+        return _train(config, env, resume)
+    finally:
+        shutdown(env)
+
+
+def _train_step(
+    ddp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: WindowSampler,
+    step: int,
+    tc: TrainConfig,
+    env: DistEnv,
+) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean training loss over all ranks."""
+    torch.manual_seed(_step_seed(tc.seed, step, env.rank))  # dropout and the like: a function of the step
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
+    loss_sum = torch.zeros((), device=env.device)
+    for micro in range(tc.grad_accum):
+        x, y = (t.to(env.device) for t in sampler.batch(step, micro, env.rank))  # (B, T) each
+        last = micro == tc.grad_accum - 1
+        with nullcontext() if last or not env.active else ddp.no_sync():  # all-reduce on the last only
+            with autocast:
+                logits = forward_logits(ddp, x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            (loss / tc.grad_accum).backward()
+        loss_sum += loss.detach()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), tc.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum(env, loss_sum / tc.grad_accum).item() / env.world_size
+
+
+def _train(config: TrainRunConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
+    tc, seq_len = config.train, config.data.seq_len
+    out_dir = Path(tc.out_dir)
+    ckpt_dir, log_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_FILE
+    tok, splits = prepare_data(config.data, env)
+    sampler = WindowSampler(splits.train, seq_len, tc.batch_size, tc.grad_accum, env.world_size, tc.seed)
+    total = tc.max_steps or math.ceil(tc.token_budget / sampler.tokens_per_step)
+
+    torch.manual_seed(tc.seed)
+    model_config = config.model_config(vocab_size(tok))
+    model = MasaLM(model_config).to(env.device)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    start, elapsed_before = 0, 0.0
+    checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, env.device)
+        if state["model_config"] != model_config.to_dict():
+            raise ConfigError(
+                f"{checkpoint} was trained with another [model]: resume with its config or a new out_dir"
+            )
+        start, elapsed_before = state["step"], state["elapsed_s"]
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _restart_log(log_path, start)  # a fresh run (start 0) starts a fresh log
+    ddp = DistributedDataParallel(model) if env.active else model
+
+    record: dict[str, Any] = {}
+    val_loss = None
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(start, total), initial=start, total=total, disable=not env.is_main, desc="train", unit="step"
+    )
+    for step in bar:
+        lr = lr_at(step, total, tc.lr, tc.min_lr, tc.warmup_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loss = _train_step(ddp, optimizer, sampler, step, tc, env)
+        done, now = step + 1, time.perf_counter() - t0
+        tokens_per_s = (done - start) * sampler.tokens_per_step / now
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        evaluating = done % tc.eval_every == 0 or done == total
+        if evaluating:
+            val_loss = evaluate(model, splits.valid, seq_len, tc.batch_size, tc.eval_batches, env)
+        if evaluating or done % tc.log_every == 0:
+            record = {
+                "step": done,
+                "loss": train_loss,
+                "lr": lr,
+                "tokens": done * sampler.tokens_per_step,
+                "tokens_per_s": tokens_per_s,
+                "epochs": sampler.epochs(done),
+                "elapsed_s": elapsed_before + now,
+                "peak_memory_mb": _peak_memory_mb(env.device),
+            }
+            if evaluating:
+                record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
+            if env.is_main:
+                _append(log_path, record)
+        if env.is_main and ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total):
+            state = {
+                "tokens": done * sampler.tokens_per_step,
+                "elapsed_s": elapsed_before + now,
+                "config": config.to_dict(),
+                "model_config": model_config.to_dict(),
+            }
+            save_checkpoint(ckpt_dir, done, model, optimizer, state, tc.keep_checkpoints)
+    bar.close()
+    wall = time.perf_counter() - t0
+    if val_loss is None:  # resumed a finished run: nothing trained, score it anyway
+        val_loss = evaluate(model, splits.valid, seq_len, tc.batch_size, tc.eval_batches, env)
+
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": total,
+        "tokens": total * sampler.tokens_per_step,
+        "epochs_seen": sampler.epochs(total),
+        "train_loss": record.get("loss"),
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "tokens_per_s": (total - start) * sampler.tokens_per_step / wall,
+        "wall_time_s": elapsed_before + wall,
+        "peak_memory_mb": _peak_memory_mb(env.device),
+        "train_tokens": len(splits.train),
+        "valid_tokens": len(splits.valid),
+        "world_size": env.world_size,
+        "resumed_from_step": start if checkpoint is not None else None,
+        "out_dir": str(out_dir),
+        "model_dir": str(out_dir / FINAL_DIR),
+    }
+    if env.is_main:
+        masa.collapse_generators(model)  # keep only the coefficients the generator produced (paper, 2.1)
+        masa.save(model, out_dir / FINAL_DIR, tokenizer=tok, info={"training": summary}, overwrite=True)
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    barrier(env)
+    return summary

@@ -1,0 +1,174 @@
+"""Calibration statistics: Grams equal X^T X of a plain forward, shared inputs, logit lens, cache, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build
+
+from masa.adapters import find_blocks, get_adapter, unfuse_qkv
+from masa.compress.calibration import (
+    cached_calibrate,
+    calibrate,
+    calibration_cache_key,
+    load_stats,
+    save_stats,
+)
+from masa.compress.config import CompressConfig
+from masa.compress.pipeline import calibration_tokens, resolve_targets
+from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(3))  # (N, T)
+
+
+def _targets(model: torch.nn.Module) -> list[str]:
+    return resolve_targets(model, CompressConfig("svd", 0.5, targets="all-linear"))
+
+
+def _direct_inputs(model: torch.nn.Module, names: list[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs (rows, d_in) of each named module in one ordinary forward over the whole batch."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]).double())
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_grams_equal_full_forward(family, tokens):
+    model = build(family, n_layer=2)
+    names = _targets(model)
+    stats = calibrate(model, tokens, names, batch_size=2)  # 3 batches of 2, 2, 1 sequences
+    direct = _direct_inputs(model, names, tokens)
+    assert stats.n_rows == tokens.numel() and stats.streamed
+    for name in names:
+        x = direct[name]  # (N*T, d_in)
+        torch.testing.assert_close(stats.grams[name], x.T @ x, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(stats.abs_mean[name], x.abs().mean(0), rtol=1e-9, atol=1e-9)
+        assert stats.grams[name].dtype == torch.float64
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_modules_fed_one_input_share_one_gram(family, tokens):
+    model = build(family, n_layer=2)
+    stats = calibrate(model, tokens, _targets(model))
+    path, blocks = find_blocks(model)
+    roles = get_adapter(model).roles
+    for i in range(len(blocks)):
+        gram = {role: stats.grams[f"{path}.{i}.{p}"] for role, p in roles.items()}
+        assert gram["q"] is gram["k"] is gram["v"]
+        assert gram["o"] is not gram["q"] and gram["down"] is not gram["up"]
+        if "gate" in gram:
+            assert gram["gate"] is gram["up"]
+    assert len({id(g) for g in stats.grams.values()}) == len(blocks) * 4  # qkv, o, (gate+)up, down
+
+
+def test_logit_lens_kl_matches_hidden_states(tokens):
+    model = build("llama", n_layer=3)
+    stats = calibrate(model, tokens, _targets(model))
+    with torch.no_grad():
+        hidden = model(
+            tokens, output_hidden_states=True
+        ).hidden_states  # embeddings, block 0, 1 outputs, final
+        logp = [torch.log_softmax(model.lm_head(model.model.norm(h)).double(), -1) for h in hidden[1:3]]
+    expected = torch.nn.functional.kl_div(logp[1], logp[0], log_target=True, reduction="batchmean")
+    expected = float(expected) / tokens.shape[1]  # batchmean divides by N; average over all N*T tokens
+    assert len(stats.block_kl) == 2 and all(kl >= 0 for kl in stats.block_kl)
+    assert stats.block_kl[0] == pytest.approx(expected, rel=1e-6)
+    assert calibrate(build("bert", 2), tokens, _targets(build("bert", 2))).block_kl is None
+
+
+def test_summary_reports_shape_and_memory(tokens):
+    model = build("opt", n_layer=2)
+    summary = calibrate(model, tokens, _targets(model)).summary()
+    assert (summary["samples"], summary["seq_len"], summary["rows"]) == (5, 12, 60)
+    assert summary["peak_memory_mb"] >= 0 and summary["seconds"] > 0
+
+
+def test_stats_round_trip_and_cache(tokens, tmp_path):
+    model = build("gpt2", n_layer=2)
+    names = _targets(model)
+    stats, reused = cached_calibrate(model, tokens, names, tmp_path)
+    assert not reused and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again, reused = cached_calibrate(model, tokens, names, tmp_path)
+    assert reused and again.block_kl == pytest.approx(stats.block_kl) and again.n_rows == stats.n_rows
+    for name in names:
+        assert torch.equal(again.grams[name], stats.grams[name])
+    q, k = names[0], names[1]  # block 0 q_proj and k_proj: one tensor, also after reloading
+    assert again.grams[q] is again.grams[k]
+    key = calibration_cache_key(model, tokens, names)
+    assert key != calibration_cache_key(model, tokens[:, :-1], names)
+    assert key != calibration_cache_key(model, tokens, names[:-1])
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    assert key != calibration_cache_key(model, tokens, names)
+    assert load_stats(save_stats(stats, tmp_path / "s.safetensors")).grams.keys() == stats.grams.keys()
+
+
+def test_unsupported_architecture_calibrates_with_whole_forward(tokens):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = GPTNeoXForCausalLM(config).eval()
+    names = ["gpt_neox.layers.0.attention.dense", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
+    stats = calibrate(model, tokens, names)
+    x = _direct_inputs(model, names, tokens)[names[1]]
+    assert not stats.streamed and stats.block_kl is None
+    torch.testing.assert_close(stats.grams[names[1]], x.T @ x)
+
+
+def test_calibration_text_errors(tokens):
+    stream = torch.arange(50)
+    assert calibration_tokens(stream, None, 4, 12).shape == (4, 12)
+    with pytest.raises(ValueError, match="has 50 tokens but 4 samples x 16 tokens = 64 are needed"):
+        calibration_tokens(stream, None, 4, 16)
+    with pytest.raises(ValueError, match="non-empty"):
+        calibrate(build("llama", 1), torch.zeros(0, 4, dtype=torch.long), ["model.layers.0.self_attn.q_proj"])
+
+
+def test_empty_calibration_file_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        calibration_tokens(str(tmp_path / "empty.txt"), object(), 4, 16)
+
+
+def test_cholesky_damps_singular_gram_and_refuses_non_gram():
+    x = torch.randn(3, 8, dtype=torch.float64)  # 3 rows, 8 features: rank-3 Gram
+    chol = cholesky_factor(x.T @ x)
+    assert torch.allclose(chol @ chol.T, x.T @ x, atol=1e-4)
+    with pytest.raises(ValueError, match="not positive definite"):
+        cholesky_factor(-torch.eye(4))
+    with pytest.raises(ValueError, match="zero or not finite"):
+        cholesky_factor(torch.zeros(4, 4))
+
+
+def test_whitened_lowrank_is_exact_at_full_rank_and_optimal():
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(6, 10, generator=gen), torch.randn(40, 10, generator=gen) * torch.linspace(0.1, 3, 10)
+    gram = x.double().T @ x.double()
+    up, down = whitened_lowrank(w, cholesky_factor(gram), 6)
+    torch.testing.assert_close(up @ down, w.double())
+    up, down = whitened_lowrank(w, cholesky_factor(gram), 2)
+    plain_up, plain_down = whitened_lowrank(w, torch.eye(10, dtype=torch.float64), 2)
+    assert whitened_error(w, up @ down, gram) < whitened_error(w, plain_up @ plain_down, gram)
+    assert whitened_error(w, up @ down, gram) == pytest.approx(
+        float(((w.double() - up @ down) @ x.double().T).pow(2).sum())
+    )
+
+
+def test_unfused_gpt2_targets_are_linears():
+    model = build("gpt2", n_layer=1)
+    names = _targets(model)
+    assert "transformer.h.0.attn.c_attn.q_proj" in names and not unfuse_qkv(model)
