@@ -132,7 +132,7 @@ def shared_layers(model: nn.Module) -> list[SharedLinear]:
     return [m for m in model.modules() if isinstance(m, SharedLinear)]
 
 
-def _resolve_groups(groups: int | list[list[int]] | None, n_blocks: int) -> list[list[int]]:
+def resolve_groups(groups: int | list[list[int]] | None, n_blocks: int) -> list[list[int]]:
     if groups is None:
         return [list(range(n_blocks))]
     if isinstance(groups, int):
@@ -153,7 +153,7 @@ def _resolve_groups(groups: int | list[list[int]] | None, n_blocks: int) -> list
 def plan_sharing(model: nn.Module, config: ShareConfig) -> tuple[str, list[DictionaryPlan]]:
     """Decide the dictionaries (members, shapes, atoms) without touching the model."""
     blocks_path, blocks = find_blocks(model, config.blocks)
-    groups = _resolve_groups(config.groups, len(blocks))
+    groups = resolve_groups(config.groups, len(blocks))
     excludes = [re.compile(p) for p in config.exclude]
     plans: list[DictionaryPlan] = []
     for target in config.targets:
