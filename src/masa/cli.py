@@ -14,6 +14,7 @@ COMMANDS = (
     "masa.compress.command",
     "masa.eval.command",
     "masa.commands.demo",
+    "masa.bench.command",
 )
 
 

@@ -1,0 +1,133 @@
+"""`masa bench`: benchmark suites, one sub-command each (`masa bench train ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+TRAIN_PRESET_PREFIX = "bench_train_"
+
+_TRAIN_EPILOG = """examples:
+  masa bench train --suite table1 --preset quick --seeds 2 --out docs/results/train/table1
+  masa bench train --suite ablation --seeds 1 --out runs/ablation
+  masa bench train --suite table1 --preset full --set train.device=cuda:0
+  masa bench train --suite table1 --set train.token_budget=200_000 --set bench.eval_tokens=8192
+
+Every run of a suite trains on the same data, in the same order, for the same tokens and schedule
+with the same seeds; only the attention changes. Runs go to TRAIN.OUT_DIR/SUITE/LABEL/seedN (set with
+--set train.out_dir=...); a finished run with an unchanged configuration is reused, not retrained.
+"""
+
+
+def train_presets() -> list[str]:
+    """Names of the bundled `masa bench train` presets (`--preset NAME`)."""
+    return sorted(
+        p.stem.removeprefix(TRAIN_PRESET_PREFIX) for p in PRESET_DIR.glob(f"{TRAIN_PRESET_PREFIX}*.toml")
+    )
+
+
+def resolve_train_preset(preset: str) -> Path:
+    """A bundled bench preset by name, else a TOML file path."""
+    bundled = PRESET_DIR / f"{TRAIN_PRESET_PREFIX}{preset}.toml"
+    if bundled.is_file():
+        return bundled
+    if Path(preset).is_file():
+        return Path(preset)
+    raise FileNotFoundError(
+        f"bench preset {preset!r} is neither bundled nor a file: use one of {', '.join(train_presets())} "
+        "or the path of a TOML file with [model], [data], [train] and [bench]"
+    )
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench train`."""
+    from masa.bench.train_suite import SUITES
+
+    parser = benchmarks.add_parser(
+        "train",
+        help="train every attention variant of a suite at equal budget and compare them",
+        description="Train dense, GQA, low-rank, sequential/cyclic sharing and MASA models on the same data "
+        "and budget; write OUT/results.json, OUT/results.md, OUT/ppl_vs_attention_params.png and "
+        "OUT/loss_curves.png.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--suite",
+        choices=SUITES,
+        required=True,
+        help="table1: every method at about 66.7 %% attention compression; ablation: MASA with S = L/6..2L/3",
+    )
+    parser.add_argument(
+        "--preset",
+        default="quick",
+        metavar="NAME_OR_TOML",
+        help=f"bundled preset ({', '.join(train_presets())}) or a TOML file (default: quick)",
+    )
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
+    )
+    parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a preset value, e.g. train.token_budget=200_000 or bench.eval_tokens=0; repeatable",
+    )
+    parser.set_defaults(func=run_train)
+
+
+# one registration function per benchmark; `masa bench compress` adds its own here
+BENCHMARKS = (add_train_parser,)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `bench` command group on the `masa` command line."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark suites (train: attention variants trained at equal budget)",
+        description="Benchmark suites; each writes results.json, results.md and plots into its --out folder.",
+    )
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for register in BENCHMARKS:
+        register(benchmarks)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `masa bench train` command that reproduces these parsed arguments."""
+    words = [
+        "masa",
+        "bench",
+        "train",
+        "--suite",
+        args.suite,
+        "--preset",
+        args.preset,
+        "--seeds",
+        str(args.seeds),
+    ]
+    words += ["--out", args.out] if args.out else []
+    words += [word for override in args.overrides for word in ("--set", override)]
+    return shlex.join(words)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run `masa bench train` for parsed arguments; prints where the results went."""
+    from masa.bench.train_suite import RESULTS_MD, SuiteConfig, run_suite
+
+    config = SuiteConfig.from_toml(resolve_train_preset(args.preset), args.overrides)
+    out = Path(args.out) if args.out else Path(config.run.train.out_dir) / args.suite
+    run_suite(args.suite, config, args.seeds, out, command_line(args))
+    print(f"results: {out / RESULTS_MD}")
+    return 0

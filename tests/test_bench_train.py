@@ -1,0 +1,107 @@
+"""`masa bench train`: the run lists of both suites, and a whole tiny table1 suite through the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from masa.bench import command
+from masa.bench.train_suite import (
+    CURVES_PLOT,
+    PPL_PLOT,
+    RESULTS_JSON,
+    RESULTS_MD,
+    RUN_RECORD,
+    SuiteConfig,
+    knob_text,
+    suite_runs,
+    variant_config,
+)
+from masa.model import MasaLMConfig
+from masa.train.config import ConfigError
+
+
+def test_suite_run_lists():
+    table1 = suite_runs("table1", n_layer=12, target_ratio=2 / 3)
+    assert [s.label for s in table1] == [
+        "dense", "gqa", "lowrank", "seq-share", "cycle-share", "masa-qkv-S4", "masa-qkvo-S4",
+    ]  # fmt: skip
+    ablation = suite_runs("ablation", n_layer=12, target_ratio=2 / 3)
+    assert [s.label for s in ablation] == ["dense"] + [
+        f"masa-{kind}-S{s}" for kind in ("qkv", "qkvo") for s in (2, 4, 6, 8)
+    ]
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite_runs("table2", 12, 0.5)
+
+
+def test_variant_knobs_meet_the_budget():
+    base = MasaLMConfig(vocab_size=64, n_layer=12, n_head=4, d_model=128)
+    knobs = {
+        s.label: knob_text(variant_config(s, base, coef_generator=True))
+        for s in suite_runs("table1", 12, 2 / 3)
+    }
+    assert knobs == {
+        "dense": "-", "gqa": "g=4", "lowrank": "r=21", "seq-share": "M=4", "cycle-share": "M=4",
+        "masa-qkv-S4": "S=4", "masa-qkvo-S4": "S=4",
+    }  # fmt: skip
+    masa = variant_config(suite_runs("table1", 12, 2 / 3)[-1], base, coef_generator=True)
+    assert masa.coef_generator
+
+
+def test_suite_config_rejects_a_preset_that_sets_the_attention():
+    preset = command.resolve_train_preset("quick")
+    with pytest.raises(ConfigError, match="leave model.attention dense"):
+        SuiteConfig.from_toml(preset, ["model.attention=masa-qkvo", "model.n_atoms=4"])
+    with pytest.raises(ConfigError, match="unknown key 'nope' in \\[bench\\]"):
+        SuiteConfig.from_toml(preset, ["bench.nope=1"])
+
+
+TINY = [
+    "model.n_layer=6",
+    "model.d_model=16",
+    "model.n_head=4",
+    'data.train=["tinyshakespeare/input.txt"]',
+    "data.vocab_size=300",
+    "data.seq_len=16",
+    "train.batch_size=2",
+    "train.max_steps=2",
+    "train.eval_batches=1",
+    "train.log_every=1",
+    'train.device="cpu"',
+    "bench.eval_tokens=64",
+    "bench.cpu_threads=1",
+]
+
+
+def test_tiny_table1_suite_writes_every_output(tmp_path):
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="command"))
+    overrides = [*TINY, f'data.cache_dir="{tmp_path / "cache"}"', f'train.out_dir="{tmp_path / "runs"}"']
+    argv = ["bench", "train", "--suite", "table1", "--out", str(tmp_path / "out")]
+    args = parser.parse_args(argv + [word for item in overrides for word in ("--set", item)])
+    assert args.func(args) == 0
+
+    out = tmp_path / "out"
+    results = json.loads((out / RESULTS_JSON).read_text())
+    labels = [s.label for s in suite_runs("table1", 6, 2 / 3)]
+    assert [m["label"] for m in results["methods"]] == labels
+    assert results["command"].startswith("masa bench train --suite table1 --preset quick --seeds 1")
+    dense, *others = results["methods"]
+    assert dense["speed_vs_dense"] == 1.0 and dense["attention_ratio"] == 0.0
+    for method in others:
+        assert 0.3 < method["attention_ratio"] < 0.7, method
+        assert method["attention_params"] < dense["attention_params"]
+    for run in results["runs"]:
+        assert run["eval_ppl"] > 1 and run["held_out_ppl"] > 1 and run["tokens_per_s"] > 0
+        assert len(run["curve"]["loss"]) == 2 and run["steps"] == 2
+    report = (out / RESULTS_MD).read_text()
+    assert all(f"| {m['attention']} | {m['knob']} |" in report for m in results["methods"])
+    assert (out / PPL_PLOT).stat().st_size > 0 and (out / CURVES_PLOT).stat().st_size > 0
+
+    record = tmp_path / "runs" / "table1" / "dense" / "seed0" / RUN_RECORD
+    stamp = record.stat().st_mtime_ns
+    assert args.func(args) == 0  # unchanged configuration: every run is reused, not retrained
+    assert record.stat().st_mtime_ns == stamp
+    assert json.loads((out / RESULTS_JSON).read_text())["runs"] == results["runs"]
