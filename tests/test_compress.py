@@ -7,15 +7,13 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build, outputs
+from tiny_models import FAMILIES, build, make_low_rank, outlier_norms, outputs, total_whitened_error
 
 import masa
 from masa import cli
-from masa.adapters import linear_weight
 from masa.compress import CompressConfig, calibrate, compress, replace_with_lowrank
 from masa.compress.methods import allocate_ranks
 from masa.compress.pipeline import resolve_targets
-from masa.compress.whitening import whitened_error
 
 METHODS = ("svd", "asvd", "svd-llm")
 
@@ -52,55 +50,27 @@ def test_allocate_ranks_spends_rounding_and_bias_budget():
     assert abs(1 - stored / (8 * (1024 + 32)) - 0.5) < 0.01 and max(ranks.values()) - min(ranks.values()) <= 1
 
 
-def _low_rank_weights(model: torch.nn.Module, rank: int = 4) -> None:
-    """Make every block projection exactly rank ``rank`` so a large enough truncation is lossless."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-            if linear and "lm_head" not in name:
-                u, s, vh = torch.linalg.svd(module.weight, full_matrices=False)
-                module.weight.copy_((u[:, :rank] * s[:rank]) @ vh[:rank])
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_ratio_reproduces_outputs(family, method, tokens):
     model = build(family, n_layer=2)
-    _low_rank_weights(model)
+    make_low_rank(model)
     reference = outputs(model, tokens)
     compress(model, CompressConfig(method, 1e-3), tokens)
     torch.testing.assert_close(outputs(model, tokens), reference, atol=1e-4, rtol=1e-4)
 
 
-def _scale_norms(model: torch.nn.Module) -> None:
-    """Give activations outlier channels, as trained LLMs have (random norm gains span ~e^+-2)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                module.weight.mul_(torch.randn(module.weight.shape, generator=gen).exp())
-
-
-def _total_whitened_error(model, original, names, stats) -> float:
-    return sum(
-        whitened_error(
-            linear_weight(original.get_submodule(n))[0], model.get_submodule(n).weight, stats.grams[n]
-        )
-        for n in names
-    )
-
-
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_whitened_methods_beat_plain_svd(family, tokens):
     base = build(family, n_layer=2)
-    _scale_norms(base)
+    outlier_norms(base)
     names = resolve_targets(base, CompressConfig("svd", 0.5))
     stats = calibrate(base, tokens, names)
     errors = {}
     for method, options in [*((m, {}) for m in METHODS), ("svd-llm", {"refit": True})]:
         model = copy.deepcopy(base)
         compress(model, CompressConfig(method, 0.5, options=options), stats=stats)
-        errors[method + "+refit" * bool(options)] = _total_whitened_error(model, base, names, stats)
+        errors[method + "+refit" * bool(options)] = total_whitened_error(model, base, names, stats)
     assert errors["svd-llm"] <= errors["asvd"] < errors["svd"]
     assert errors["svd-llm+refit"] <= errors["svd-llm"] * (1 + 1e-6)
 
@@ -163,20 +133,6 @@ def test_unsupported_architecture_needs_explicit_targets(tokens):
 
 
 # ------------------------------------------------------------------------------------------- CLI
-
-TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 20
-
-
-@pytest.fixture
-def saved_llama(tmp_path):
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(["[UNK]", *sorted(set(TEXT))])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    masa.save(build("llama", n_layer=2), tmp_path / "base", tokenizer=tokenizer)
-    (tmp_path / "calib.txt").write_text(TEXT)
-    return tmp_path
 
 
 def _compress_cli(root, out: str, *extra: str) -> int:

@@ -18,6 +18,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from masa.adapters import linear_weight
+from masa.compress.whitening import whitened_error
+
 VOCAB = 64
 
 
@@ -71,3 +74,32 @@ def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM, last hidden states of an encoder."""
     out = model(ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def make_low_rank(model: torch.nn.Module, rank: int = 4) -> None:
+    """Make every block projection exactly rank ``rank`` so a large enough truncation is lossless."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+            if linear and "lm_head" not in name:
+                u, s, vh = torch.linalg.svd(module.weight, full_matrices=False)
+                module.weight.copy_((u[:, :rank] * s[:rank]) @ vh[:rank])
+
+
+def outlier_norms(model: torch.nn.Module) -> None:
+    """Give activations outlier channels, as trained LLMs have (random norm gains span ~e^+-2)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                module.weight.mul_(torch.randn(module.weight.shape, generator=gen).exp())
+
+
+def total_whitened_error(model, original, names, stats) -> float:
+    """Sum over ``names`` of the whitened error of ``model``'s weights against ``original``'s."""
+    return sum(
+        whitened_error(
+            linear_weight(original.get_submodule(n))[0], model.get_submodule(n).weight, stats.grams[n]
+        )
+        for n in names
+    )

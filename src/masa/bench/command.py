@@ -88,15 +88,21 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_train)
 
 
-# one registration function per benchmark; `masa bench compress` adds its own here
-BENCHMARKS = (add_train_parser,)
+def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench compress` (its module is imported only here, when the CLI is built)."""
+    from masa.bench.compress_suite import add_parser as add_compress
+
+    add_compress(benchmarks)
+
+
+BENCHMARKS = (add_train_parser, add_compress_parser)  # one registration function per benchmark
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the `bench` command group on the `masa` command line."""
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark suites (train: attention variants trained at equal budget)",
+        help="benchmark suites (train: attention variants at equal budget; compress: training-free methods)",
         description="Benchmark suites; each writes results.json, results.md and plots into its --out folder.",
     )
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")

@@ -4,7 +4,13 @@ Importing this package registers every method: ``svd``, ``asvd``, ``svd-llm`` (`
 ``masa`` (``masa_method``).
 """
 
-from masa.compress import masa_method  # noqa: F401 (registers the "masa" method)
+from masa.compress import (  # noqa: F401 (allocation option, more methods)
+    allocation,
+    basis_sharing,
+    cospadi,
+    fwsvd,
+    masa_method,  # noqa: F401 (registers the "masa" method)
+)
 from masa.compress.calibration import CalibrationStats, calibrate, load_stats, save_stats
 from masa.compress.config import CompressConfig
 from masa.compress.methods import (

@@ -23,7 +23,7 @@ from masa.compress.whitening import cholesky_factor, whitened_lowrank
 from masa.layers import LowRankLinear
 
 MethodFn = Callable[[nn.Module, CalibrationStats, list[str], CompressConfig], dict]
-NEEDS = ("grams", "abs_mean", "block_kl")  # statistics a method may ask the pipeline to calibrate
+NEEDS = ("grams", "abs_mean", "block_kl", "fisher")  # statistics a method may ask the pipeline to calibrate
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from masa.adapters import (
 )
 from masa.compress.calibration import CalibrationStats, cached_calibrate
 from masa.compress.config import TARGET_PRESETS, CompressConfig
+from masa.compress.fwsvd import with_fisher
 from masa.compress.methods import get_method
 from masa.data.tokenizer import encode
 from masa.eval.datasets import load_eval_text
@@ -193,6 +194,16 @@ def compress(
         start = time.perf_counter()
         stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
         seconds["calibration"] = time.perf_counter() - start
+    if "fisher" in method.needs and any(n not in getattr(stats, "fisher", {}) for n in names):
+        if calib is None:
+            raise ValueError(
+                f"method {config.method!r} needs loss gradients on calibration tokens, which statistics "
+                "alone do not keep: pass calib= (text or token ids) as well as stats="
+            )
+        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        start = time.perf_counter()
+        stats = with_fisher(stats, model, tokens, names)
+        seconds["fisher"] = time.perf_counter() - start
     if method.needs and (missing := [n for n in names if n not in stats.grams]):
         raise ValueError(
             f"the calibration statistics do not cover {missing[:3]}; recalibrate for these targets"
