@@ -226,13 +226,20 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data))
 
 
+# [bench] fields that change a run's record; target_ratio and coef_generator act through its model config
+_SCORING_KEYS = ("eval_text", "eval_tokens", "eval_batch_size", "cpu_threads")
+
+
 def _scored_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
-    """A run's record: reused from its folder when trained with the same configuration, else trained now."""
-    key = _plain({"config": config.to_dict(), "bench": dataclasses.asdict(bench)})
+    """A run's record: reused from its folder when trained and scored the same way, else trained now."""
+    scoring = {name: getattr(bench, name) for name in _SCORING_KEYS}
+    key = _plain({"config": config.to_dict(), "bench": scoring})
     path = Path(config.train.out_dir) / RUN_RECORD
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
+        done = saved.get("key", {})
+        same_scoring = all(done.get("bench", {}).get(name) == value for name, value in key["bench"].items())
+        if done.get("config") == key["config"] and same_scoring:
             return saved["record"]
     record = _in_fresh_process(score_run, config, bench)
     write_json(path, {"key": key, "record": record})
