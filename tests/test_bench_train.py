@@ -105,3 +105,18 @@ def test_tiny_table1_suite_writes_every_output(tmp_path):
     assert args.func(args) == 0  # unchanged configuration: every run is reused, not retrained
     assert record.stat().st_mtime_ns == stamp
     assert json.loads((out / RESULTS_JSON).read_text())["runs"] == results["runs"]
+
+
+def test_speed_bench_times_every_variant_against_dense(tmp_path):
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["bench", "speed", "--suite", "table1", "--rounds", "2", "--out", str(tmp_path / "speed")]
+    args = parser.parse_args(argv + [word for item in TINY for word in ("--set", item)])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert [v["label"] for v in results["variants"]] == [s.label for s in suite_runs("table1", 6, 2 / 3)]
+    dense, *others = results["variants"]
+    assert dense["speed_vs_dense"] == 1.0 and all(v["tokens_per_s"] > 0 for v in results["variants"])
+    assert all(v["attention_params"] < dense["attention_params"] for v in others)
+    assert results["command"].startswith("masa bench speed --suite table1 --preset quick --rounds 2")
+    assert "| masa-qkvo S=2 |" in (tmp_path / "speed" / "speed.md").read_text()

@@ -48,19 +48,10 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
-    """Register `masa bench train`."""
+def _suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """--suite, --preset and --set, shared by `masa bench train` and `masa bench speed`."""
     from masa.bench.train_suite import SUITES
 
-    parser = benchmarks.add_parser(
-        "train",
-        help="train every attention variant of a suite at equal budget and compare them",
-        description="Train dense, GQA, low-rank, sequential/cyclic sharing and MASA models on the same data "
-        "and budget; write OUT/results.json, OUT/results.md, OUT/ppl_vs_attention_params.png and "
-        "OUT/loss_curves.png.",
-        epilog=_TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
     parser.add_argument(
         "--suite",
         choices=SUITES,
@@ -74,10 +65,6 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
         help=f"bundled preset ({', '.join(train_presets())}) or a TOML file (default: quick)",
     )
     parser.add_argument(
-        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
-    )
-    parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
-    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -85,7 +72,54 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a preset value, e.g. train.token_budget=200_000 or bench.eval_tokens=0; repeatable",
     )
+
+
+def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench train`."""
+    parser = benchmarks.add_parser(
+        "train",
+        help="train every attention variant of a suite at equal budget and compare them",
+        description="Train dense, GQA, low-rank, sequential/cyclic sharing and MASA models on the same data "
+        "and budget; write OUT/results.json, OUT/results.md, OUT/ppl_vs_attention_params.png and "
+        "OUT/loss_curves.png.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _suite_arguments(parser)
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
+    )
+    parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
     parser.set_defaults(func=run_train)
+
+
+def add_speed_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench speed`."""
+    parser = benchmarks.add_parser(
+        "speed",
+        help="training-step speed of every attention variant of a suite against dense, interleaved",
+        description="Time one optimizer step of each variant in turn, round after round, in one process "
+        "(so machine drift hits every variant alike); write OUT/speed.json and OUT/speed.md.",
+    )
+    _suite_arguments(parser)
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=20, metavar="N", help="timed rounds (default 20)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    parser.set_defaults(func=run_speed)
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    """Run `masa bench speed` for parsed arguments; prints the table."""
+    from masa.bench.speed import SPEED_MD, measure_speed, write_speed
+    from masa.bench.train_suite import SuiteConfig
+
+    config = SuiteConfig.from_toml(resolve_train_preset(args.preset), args.overrides)
+    results = measure_speed(args.suite, config, rounds=args.rounds, device=args.device)
+    write_speed(results, args.out, command_line(args))
+    print((Path(args.out) / SPEED_MD).read_text())
+    return 0
 
 
 def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
@@ -95,7 +129,11 @@ def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
     add_compress(benchmarks)
 
 
-BENCHMARKS = (add_train_parser, add_compress_parser)  # one registration function per benchmark
+BENCHMARKS = (
+    add_train_parser,
+    add_speed_parser,
+    add_compress_parser,
+)  # one registration function per benchmark
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -111,18 +149,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The `masa bench train` command that reproduces these parsed arguments."""
-    words = [
-        "masa",
-        "bench",
-        "train",
-        "--suite",
-        args.suite,
-        "--preset",
-        args.preset,
-        "--seeds",
-        str(args.seeds),
-    ]
+    """The `masa bench train|speed` command that reproduces these parsed arguments."""
+    words = ["masa", "bench", args.benchmark, "--suite", args.suite, "--preset", args.preset]
+    if args.benchmark == "train":
+        words += ["--seeds", str(args.seeds)]
+    else:
+        words += ["--rounds", str(args.rounds), "--device", args.device]
     words += ["--out", args.out] if args.out else []
     words += [word for override in args.overrides for word in ("--set", override)]
     return shlex.join(words)
