@@ -179,7 +179,7 @@ def _one(base: nn.Module, run: dict, stats, config: CompressBenchConfig, eval_id
     try:
         result = compress(model, compress_config, stats=stats)
     except ValueError as err:
-        return {**run, "error": str(err), "seconds": time.perf_counter() - start}
+        return {**run, "options": options, "error": str(err), "seconds": time.perf_counter() - start}
     seconds = time.perf_counter() - start
     return {
         **run,
@@ -208,7 +208,15 @@ def run_bench(model_dir: Path, config: CompressBenchConfig, out: Path, command: 
     setup = {"model": str(model_dir), "config": asdict(config), "seq_len": seq_len, "calib_len": calib_len}
     path = out / RESULTS_JSON
     previous = _load(path)
-    results = previous if previous.get("setup") == setup else {"setup": setup, "runs": []}
+    if _same_data(previous.get("setup", {}), setup):  # keep the runs whose method options are unchanged
+        kept = [
+            r
+            for r in previous["runs"]
+            if r.get("options") == _run_options(config, r["method"], r["allocation"])
+        ]
+        results = {**previous, "setup": setup, "runs": kept}
+    else:
+        results = {"setup": setup, "runs": []}
     results["command"] = command
     if "dense" not in results:
         results["dense"] = {
@@ -240,9 +248,25 @@ def run_bench(model_dir: Path, config: CompressBenchConfig, out: Path, command: 
             log(
                 f"{target} {run['method']} [{run['allocation']}] {run['ratio']:.2f}: {outcome} ({record['seconds']:.1f}s)"
             )
+    order = {key: i for i, key in enumerate(_key(r) for r in plan_runs(config))}
+    results["runs"] = sorted((r for r in results["runs"] if _key(r) in order), key=lambda r: order[_key(r)])
     write_json(path, results)
     write_report(results, out)
     return results
+
+
+def _same_data(old: dict, new: dict) -> bool:
+    """Same model, calibration and evaluation: everything of the setup but the method list and options."""
+
+    def data(setup: dict) -> dict:
+        config = {
+            k: v
+            for k, v in setup.get("config", {}).items()
+            if k not in ("methods", "options", "ratios", "targets", "allocations")
+        }
+        return {**setup, "config": config}
+
+    return bool(old) and data(old) == data(new)
 
 
 def _load(path: Path) -> dict:
