@@ -252,7 +252,8 @@ def run_suite(
     """Train and score every run of ``suite`` for ``seeds`` seeds; write the results folder; return results.
 
     Seeds are train.seed, train.seed + 1, ...; all runs of one seed go first (dense first), so a
-    suite cut short still holds whole tables. Runs live in ``train.out_dir/<suite>/<label>/seed<N>``.
+    suite cut short still holds whole tables. Runs live in ``train.out_dir/<suite>/<label>/seed<N>``
+    (``<label>-plain`` for masa runs with plain coefficients instead of the generator).
     """
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: run at least one seed")
@@ -264,7 +265,8 @@ def run_suite(
     for seed in seed_list:
         for spec in specs:
             model = models[spec.label]
-            run_dir = Path(config.run.train.out_dir) / suite / spec.label / f"seed{seed}"
+            folder = spec.label + ("-plain" if spec.n_atoms and not model.coef_generator else "")
+            run_dir = Path(config.run.train.out_dir) / suite / folder / f"seed{seed}"
             record = {
                 "label": spec.label,
                 "method": method_name(model),
