@@ -200,13 +200,3 @@ def test_native_generator_model_saves_and_loads_after_collapse(tmp_path, ids):
     collapse_generators(model)
     masa.save(model, tmp_path / "m")
     torch.testing.assert_close(masa.load(tmp_path / "m")(ids), model(ids), atol=0, rtol=0)
-
-
-def test_generator_starts_every_block_with_its_own_coefficients():
-    from masa.sharing.dictionary import CoefficientGenerator
-
-    torch.manual_seed(0)
-    coefficients = CoefficientGenerator(n_blocks=12, n_atoms=4)().detach()  # (12, 4)
-    # like free coefficients: per atom, zero mean and std 1/sqrt(S) across blocks (not one shared bias)
-    torch.testing.assert_close(coefficients.std(0), torch.full((4,), 0.5))
-    torch.testing.assert_close(coefficients.mean(0), torch.zeros(4), atol=1e-6, rtol=0)
