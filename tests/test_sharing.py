@@ -200,3 +200,26 @@ def test_native_generator_model_saves_and_loads_after_collapse(tmp_path, ids):
     collapse_generators(model)
     masa.save(model, tmp_path / "m")
     torch.testing.assert_close(masa.load(tmp_path / "m")(ids), model(ids), atol=0, rtol=0)
+
+
+def test_generator_runs_once_per_forward_and_follows_updates(ids):
+    """One generator evaluation serves every layer of a forward; gradients and updates stay exact."""
+    model = build("llama", n_layer=4)
+    share(model, atoms=2, init="random", generator=True)
+    reference = copy.deepcopy(model)
+    for dictionary in reference.masa_bank.dictionaries.values():
+        dictionary.generated_coefficients = dictionary.generator  # uncached: every layer runs the MLP
+    calls = []
+    for dictionary in model.masa_bank.dictionaries.values():
+        dictionary.generator.register_forward_hook(lambda *_: calls.append(1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(2):  # a second step must see the updated generator, not a stale cache
+        calls.clear()
+        for m, opt in ((model, optimizer), (reference, ref_optimizer)):
+            opt.zero_grad()
+            m(ids).logits.square().mean().backward()
+            opt.step()
+        assert len(calls) == len(model.masa_bank.dictionaries), step  # once per dictionary, not per layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)

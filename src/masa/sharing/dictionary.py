@@ -84,12 +84,38 @@ class AtomDictionary(nn.Module):
         self.role = role
         self.atoms = nn.Parameter(torch.empty(n_atoms, out_features, in_features, device=device, dtype=dtype))
         self.generator = CoefficientGenerator(n_blocks, n_atoms).to(device=device) if generator else None
+        self._generated: tuple[tuple, torch.Tensor] | None = None  # see generated_coefficients()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_generated"] = None  # a cached graph node cannot be copied or pickled
+        return state
 
     def extra_repr(self) -> str:
         return (
             f"role={self.role!r}, n_atoms={self.n_atoms}, shape=({self.out_features}, {self.in_features}), "
             f"n_blocks={self.n_blocks}, generator={self.generator is not None}"
         )
+
+    def generated_coefficients(self) -> torch.Tensor:
+        """The generator's coefficients (n_blocks, S), computed once per forward pass for all its layers.
+
+        Without this each of the n_blocks layers would run the generator MLP itself (and backpropagate
+        through it). The cached output is dropped when a backward pass reaches it (its graph is freed
+        then) and is recomputed whenever a generator parameter has changed (an optimizer step).
+        """
+        params = list(self.generator.parameters())
+        key = (torch.is_grad_enabled(), *(p._version for p in params), *(p.data_ptr() for p in params))
+        if self._generated is not None and self._generated[0] == key:
+            return self._generated[1]
+        coefficients = self.generator()  # (n_blocks, S)
+        if coefficients.requires_grad:
+            coefficients.register_hook(self._drop_generated)
+        self._generated = (key, coefficients)
+        return coefficients
+
+    def _drop_generated(self, grad: torch.Tensor) -> None:
+        self._generated = None
 
     def weights(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Combine atoms: coefficients (..., S) -> weights (..., d_out, d_in)."""
@@ -104,6 +130,7 @@ class AtomDictionary(nn.Module):
         for layer in layers:
             layer.coefficients = nn.Parameter(coeffs[layer.index].detach().clone())
         self.generator = None
+        self._generated = None
 
 
 class SharedLinear(nn.Module):
@@ -147,7 +174,7 @@ class SharedLinear(nn.Module):
         """This layer's coefficients (S,), from the generator while one is attached."""
         d = self._dictionary
         if d.generator is not None:
-            return d.generator()[self.index]
+            return d.generated_coefficients()[self.index]
         return self.coefficients
 
     @property
