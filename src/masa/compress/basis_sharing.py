@@ -15,7 +15,7 @@ The group and target bookkeeping here is shared with ``cospadi``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from masa.adapters import find_blocks, get_adapter, linear_weight, set_submodule
 from masa.compress.allocation import ALLOCATIONS, Knob, allocate, apply_ranks, max_useful_rank, rank_knobs
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
-from masa.compress.methods import get_method, refit_up, register_method
+from masa.compress.methods import get_method, options_from_config, refit_up, register_method
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
 from masa.layers import BasisLinear, SharedBasis
 
@@ -185,12 +185,7 @@ class BasisSharingOptions:
 
     @classmethod
     def from_config(cls, config: CompressConfig) -> BasisSharingOptions:
-        known = [f.name for f in fields(cls)]
-        if unknown := sorted(set(config.options) - set(known)):
-            raise ValueError(
-                f"method {config.method!r} has no option {unknown}; its options are {', '.join(known)}"
-            )
-        return cls(**config.options)
+        return options_from_config(cls, config)
 
 
 # ---------------------------------------------------------------------------------------- the method

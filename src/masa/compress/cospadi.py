@@ -20,7 +20,7 @@ k = ``atoms_per_code`` x s (k/s = 2 by default, the paper's best).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from masa.compress.allocation import ALLOCATIONS, Knob, allocate, budget_of
 from masa.compress.basis_sharing import Group, block_groups, install
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
-from masa.compress.methods import register_method
+from masa.compress.methods import options_from_config, register_method
 from masa.layers import SharedBasis, SparseCodeLinear, index_dtype
 
 MAX_CHOLESKY_NUMBERS = 2**25  # OMP's factors (rows x s x s) held at once; larger batches are split
@@ -176,10 +176,7 @@ class CospadiOptions:
 
     @classmethod
     def from_config(cls, config: CompressConfig) -> CospadiOptions:
-        known = [f.name for f in fields(cls)]
-        if unknown := sorted(set(config.options) - set(known)):
-            raise ValueError(f"method 'cospadi' has no option {unknown}; its options are {', '.join(known)}")
-        return cls(**config.options)
+        return options_from_config(cls, config)
 
 
 # ---------------------------------------------------------------------------------------- budget

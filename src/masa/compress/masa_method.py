@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -50,7 +50,13 @@ from masa import surgery
 from masa.adapters import find_blocks, get_adapter, linear_weight, set_submodule
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
-from masa.compress.methods import allocate_ranks, register_method, replace_with_lowrank, svd_llm
+from masa.compress.methods import (
+    allocate_ranks,
+    options_from_config,
+    register_method,
+    replace_with_lowrank,
+    svd_llm,
+)
 from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
 from masa.layers import LowRankLinear
 from masa.sharing.dictionary import SharedLinear
@@ -103,10 +109,7 @@ class MasaOptions:
 
     @classmethod
     def from_config(cls, config: CompressConfig) -> MasaOptions:
-        known = [f.name for f in fields(cls)]
-        if unknown := sorted(set(config.options) - set(known)):
-            raise ValueError(f"method 'masa' has no option {unknown}; its options are {', '.join(known)}")
-        return cls(**config.options)
+        return options_from_config(cls, config)
 
 
 # ---------------------------------------------------------------------------------- the layer

@@ -9,7 +9,8 @@ Gram matrix (svd-llm).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
 from masa.layers import LowRankLinear
+
+T = TypeVar("T")
 
 MethodFn = Callable[[nn.Module, CalibrationStats, list[str], CompressConfig], dict]
 NEEDS = ("grams", "abs_mean", "block_kl", "fisher")  # statistics a method may ask the pipeline to calibrate
@@ -149,6 +152,16 @@ def allocate_ranks(shapes: dict[str, tuple[int, int, bool]], ratio: float) -> di
         ranks[best] += step
         adjusted[best] += step
         stored += step * sum(shapes[best][:2])
+
+
+def options_from_config(cls: type[T], config: CompressConfig) -> T:
+    """The options dataclass ``cls`` built from ``config.options``; unknown keys are an error naming the known ones."""
+    known = [f.name for f in fields(cls)]
+    if unknown := sorted(set(config.options) - set(known)):
+        raise ValueError(
+            f"method {config.method!r} has no option {unknown}; its options are {', '.join(known)}"
+        )
+    return cls(**config.options)
 
 
 def method_options(config: CompressConfig, defaults: dict) -> dict:

@@ -185,6 +185,7 @@ def compress(
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
+    tokens = None  # (N, T) calibration ids, tokenised once for the statistics and the Fisher information
     if method.needs and stats is None:
         if calib is None:
             raise ValueError(
@@ -200,7 +201,8 @@ def compress(
                 f"method {config.method!r} needs loss gradients on calibration tokens, which statistics "
                 "alone do not keep: pass calib= (text or token ids) as well as stats="
             )
-        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        if tokens is None:
+            tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
         start = time.perf_counter()
         stats = with_fisher(stats, model, tokens, names)
         seconds["fisher"] = time.perf_counter() - start
