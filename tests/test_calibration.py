@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build
 
-from masa.adapters import find_blocks, get_adapter, unfuse_qkv
+from masa.arch import find_blocks, get_adapter, unfuse_qkv
 from masa.compress.calibration import (
     cached_calibrate,
     calibrate,

@@ -10,12 +10,12 @@ import torch
 from tiny_models import build, outputs
 
 import masa
-from masa.adapters import find_blocks, get_adapter, linear_weight
+from masa.arch import find_blocks, get_adapter, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
-from masa.compress.masa_method import MasaOptions, RefinedSharedLinear, _allocate, _groupings
+from masa.compress.masa_method import MasaOptions, _allocate, _groupings
 from masa.compress.pipeline import resolve_targets
 from masa.compress.whitening import whitened_error
-from masa.layers import LowRankLinear
+from masa.nn import LowRankLinear, RefinedSharedLinear
 from masa.sharing import SharedLinear
 
 ATTENTION = ("q", "k", "v", "o")

@@ -12,12 +12,12 @@ from safetensors import safe_open
 from tiny_models import FAMILIES, build, make_low_rank, outlier_norms, outputs, total_whitened_error
 
 import masa
-from masa.adapters import find_blocks, linear_weight
+from masa.arch import find_blocks, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
 from masa.compress.allocation import Knob, allocate, budget_of
 from masa.compress.fwsvd import with_fisher
 from masa.compress.pipeline import resolve_targets
-from masa.layers import BasisLinear, SparseCodeLinear
+from masa.nn import BasisLinear, SparseCodeLinear
 
 FAST = {"cospadi": {"iterations": 8}}  # K-SVD iterations: enough on 32-wide matrices, and quick
 METHODS = ("fwsvd", "basis-sharing", "cospadi")

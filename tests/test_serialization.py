@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from tiny_models import FAMILIES, build, outputs
 
 import masa
-from masa import serialization
+from masa.io import serialization
 
 
 def _data_bytes(path) -> int:

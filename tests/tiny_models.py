@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from masa.adapters import linear_weight
+from masa.arch import linear_weight
 from masa.compress.whitening import whitened_error
 
 VOCAB = 64

@@ -8,7 +8,7 @@ Where things live: ``masa.sharing`` (atom dictionaries and the ``share`` surgery
 __version__ = "0.1.0"
 
 from masa.accounting import ParamCount, count  # noqa: E402
-from masa.serialization import load, save  # noqa: E402
+from masa.io import load, save  # noqa: E402
 from masa.sharing import ShareConfig, collapse_generators, share  # noqa: E402
 
 __all__ = [

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from masa.adapters import ATTENTION_ROLES, find_blocks, get_adapter
-from masa.sharing.dictionary import SharedLinear
+from masa.arch import ATTENTION_ROLES, find_blocks, get_adapter
+from masa.nn import SharedLinear
 
 
 @dataclass

@@ -36,7 +36,7 @@ from masa.compress.pipeline import calibration_tokens, resolve_targets
 from masa.data.tokenizer import encode, load_tokenizer
 from masa.eval import load_eval_text, perplexity
 from masa.eval.datasets import DATA_DIR
-from masa.serialization import write_json
+from masa.io import write_json
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 PRESET_PREFIX = "bench_compress_"

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import masa
 from masa.bench.report import markdown_table
 from masa.bench.train_suite import SuiteConfig, method_name, suite_runs, variant_config
+from masa.io import write_json
 from masa.model import MasaLM
-from masa.serialization import write_json
 from masa.train.trainer import param_groups
 
 SPEED_JSON, SPEED_MD = "speed.json", "speed.md"

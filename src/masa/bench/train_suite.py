@@ -27,9 +27,9 @@ from masa.bench.report import Point, curve_plot, fmt_mean_std, markdown_table, m
 from masa.data.tokenizer import encode, load_tokenizer, tokenizer_hash, vocab_size
 from masa.eval import load_eval_text, perplexity
 from masa.eval.datasets import resolve_eval_path
+from masa.io import write_json
 from masa.model import MasaLMConfig, configure_for_budget
 from masa.model.config import VARIANT_KNOB
-from masa.serialization import write_json
 from masa.train.config import FILLED_MODEL_KEYS, ConfigError, TrainRunConfig, _checked, apply_overrides
 from masa.train.trainer import CHECKPOINT_DIR, METRICS_FILE, train
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from masa import surgery
 from masa.accounting import count
-from masa.serialization import WEIGHTS_NAME, build_base, parameters_on_meta, read_config
+from masa.io import WEIGHTS_NAME, build_base, parameters_on_meta, read_config
 
 
 def describe(directory: str | Path) -> dict:

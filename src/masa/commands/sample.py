@@ -7,8 +7,8 @@ import argparse
 import torch
 
 from masa.data.tokenizer import decode, encode, load_tokenizer
+from masa.io import load
 from masa.model.generate import generate
-from masa.serialization import load
 
 
 def sample_text(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from masa.adapters import linear_weight
+from masa.arch import linear_weight
 from masa.budget import check_ratio
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.adapters import find_blocks, get_adapter, linear_weight, set_submodule
+from masa.arch import find_blocks, get_adapter, linear_weight, set_submodule
 from masa.compress.allocation import ALLOCATIONS, Knob, allocate, apply_ranks, max_useful_rank, rank_knobs
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.methods import get_method, options_from_config, refit_up, register_method
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
-from masa.layers import BasisLinear, SharedBasis
+from masa.nn import BasisLinear, SharedBasis
 
 # ------------------------------------------------------------------------------------------ groups
 

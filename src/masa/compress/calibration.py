@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from masa.adapters import find_blocks, get_adapter
+from masa.arch import find_blocks, get_adapter
 
 STATS_VERSION = 1  # bump when the statistics or their file layout change (invalidates caches)
 LENS_CHUNK = 1024  # tokens per logit-lens chunk: bounds the (chunk, vocab) logits held at once

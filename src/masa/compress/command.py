@@ -11,7 +11,7 @@ from pathlib import Path
 from masa.compress.config import CompressConfig
 from masa.compress.methods import available_methods, get_method
 from masa.compress.pipeline import compress
-from masa.serialization import load, save
+from masa.io import load, save
 
 DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
 

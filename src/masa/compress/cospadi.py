@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.adapters import linear_weight
+from masa.arch import linear_weight
 from masa.compress.allocation import ALLOCATIONS, Knob, allocate, budget_of
 from masa.compress.basis_sharing import Group, block_groups, install
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.methods import options_from_config, register_method
-from masa.layers import SharedBasis, SparseCodeLinear, index_dtype
+from masa.nn import SharedBasis, SparseCodeLinear, index_dtype
 
 MAX_CHOLESKY_NUMBERS = 2**25  # OMP's factors (rows x s x s) held at once; larger batches are split
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masa.adapters import get_adapter, linear_weight
+from masa.arch import get_adapter, linear_weight
 from masa.compress.allocation import register_allocation
 from masa.compress.calibration import CalibrationStats, calibrate
 from masa.compress.config import CompressConfig

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.adapters import find_blocks, get_adapter, linear_weight, set_submodule
+from masa.arch import find_blocks, get_adapter, linear_weight, set_submodule
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.methods import (
@@ -58,8 +58,7 @@ from masa.compress.methods import (
     svd_llm,
 )
 from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
-from masa.layers import LowRankLinear
-from masa.sharing.dictionary import SharedLinear
+from masa.nn import LowRankLinear, RefinedSharedLinear
 from masa.sharing.pca import matrix_pca
 from masa.sharing.surgery import DictionaryPlan, bank_of, build_sharing, resolve_groups
 
@@ -113,29 +112,6 @@ class MasaOptions:
 
 
 # ---------------------------------------------------------------------------------- the layer
-
-
-class RefinedSharedLinear(nn.Module):
-    """A shared-atom projection plus its own low-rank correction: y = shared(x) + correction(x)."""
-
-    def __init__(self, shared: SharedLinear, correction: LowRankLinear):
-        super().__init__()
-        self.in_features, self.out_features = shared.in_features, shared.out_features
-        self.shared = shared
-        self.correction = correction
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The equivalent dense weight (d_out, d_in)."""
-        return self.shared.weight + self.correction.weight
-
-    def dense_numel(self) -> int:
-        """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
-        bias = self.shared.bias
-        return self.in_features * self.out_features + (0 if bias is None else bias.numel())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared(x) + self.correction(x)  # (..., d_in) -> (..., d_out)
 
 
 def _refine(model: nn.Module, name: str, rank: int) -> RefinedSharedLinear:

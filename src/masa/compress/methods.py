@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.adapters import linear_weight, set_submodule
+from masa.arch import linear_weight, set_submodule
 from masa.budget import check_ratio, lowrank_params, rank_for_ratio
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
-from masa.layers import LowRankLinear
+from masa.nn import LowRankLinear
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from masa import surgery
 from masa.accounting import count
-from masa.adapters import (
+from masa.arch import (
     ATTENTION_ROLES,
     find_blocks,
     get_adapter,

@@ -14,7 +14,7 @@ from masa.data.tokenizer import encode, load_tokenizer, tokenizer_hash, vocab_si
 from masa.eval.datasets import EVAL_SETS, load_eval_text
 from masa.eval.fidelity import fidelity
 from masa.eval.perplexity import PROTOCOLS, perplexity
-from masa.serialization import load
+from masa.io import load
 
 DEFAULT_DATA = "wikitext2-test"
 

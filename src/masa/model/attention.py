@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masa.layers import LowRankLinear
 from masa.model.config import MasaLMConfig
+from masa.nn import LowRankLinear
 
 
 def projection(config: MasaLMConfig, in_features: int, out_features: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """Where attention is shared: atom dictionaries, shared linear layers and the ``share`` surgery."""
 
-from masa.sharing.dictionary import AtomDictionary, CoefficientGenerator, SharedLinear
+from masa.nn import AtomDictionary, CoefficientGenerator, SharedLinear
 from masa.sharing.pca import matrix_pca, unexplained_energy
 from masa.sharing.surgery import (
     MasaBank,

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.adapters import find_blocks, get_adapter, linear_weight, resolve_role, set_submodule, unfuse_qkv
+from masa.arch import find_blocks, get_adapter, linear_weight, resolve_role, set_submodule, unfuse_qkv
 from masa.budget import atoms_for_ratio, check_ratio
-from masa.sharing.dictionary import AtomDictionary, SharedLinear
+from masa.nn import AtomDictionary, SharedLinear
 from masa.sharing.pca import matrix_pca, unexplained_energy
 
 INITS = ("pca", "random", "empty")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from masa.serialization import WEIGHTS_NAME, read_weights, save_weights
+from masa.io import WEIGHTS_NAME, read_weights, save_weights
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

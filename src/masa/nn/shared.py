@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from masa.nn.lowrank import LowRankLinear
+
 
 class CoefficientGenerator(nn.Module):
     """The paper's training-time coefficient generator: per-block embedding -> 3-layer MLP -> C.
@@ -199,3 +201,26 @@ class SharedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, index={self.index}, "
             f"n_atoms={self._dictionary.n_atoms}, bias={self.bias is not None}"
         )
+
+
+class RefinedSharedLinear(nn.Module):
+    """A shared-atom projection plus its own low-rank correction: y = shared(x) + correction(x)."""
+
+    def __init__(self, shared: SharedLinear, correction: LowRankLinear):
+        super().__init__()
+        self.in_features, self.out_features = shared.in_features, shared.out_features
+        self.shared = shared
+        self.correction = correction
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense weight (d_out, d_in)."""
+        return self.shared.weight + self.correction.weight
+
+    def dense_numel(self) -> int:
+        """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
+        bias = self.shared.bias
+        return self.in_features * self.out_features + (0 if bias is None else bias.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x) + self.correction(x)  # (..., d_in) -> (..., d_out)

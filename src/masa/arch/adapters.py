@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from masa.nn.fused import SplitQKV
+
 ATTENTION_ROLES = ("q", "k", "v", "o")
 MLP_ROLES = ("gate", "up", "down")
 
@@ -160,19 +162,6 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
         f"{type(module).__name__} is not a linear projection (nn.Linear or Conv1D); only linear layers can "
         "share a dictionary"
     )
-
-
-class SplitQKV(nn.Module):
-    """GPT-2's fused ``c_attn`` as three exact ``nn.Linear`` (q_proj, k_proj, v_proj) concatenated."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        self.q_proj = nn.Linear(d_in, d_out, bias=bias, device=device, dtype=dtype)
-        self.k_proj = nn.Linear(d_in, d_out, bias=bias, device=device, dtype=dtype)
-        self.v_proj = nn.Linear(d_in, d_out, bias=bias, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (..., 3 d_out)
 
 
 def unfuse_qkv(model: nn.Module, blocks_path: str | None = None) -> bool:

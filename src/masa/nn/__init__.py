@@ -1,0 +1,19 @@
+"""Every layer masa puts into a model, in one place: shared atoms, low-rank, shared bases, sparse codes, split fused projections."""
+
+from masa.nn.basis import BasisLinear, SharedBasis, SparseCodeLinear, index_dtype
+from masa.nn.fused import SplitQKV
+from masa.nn.lowrank import LowRankLinear
+from masa.nn.shared import AtomDictionary, CoefficientGenerator, RefinedSharedLinear, SharedLinear
+
+__all__ = [
+    "AtomDictionary",
+    "BasisLinear",
+    "CoefficientGenerator",
+    "LowRankLinear",
+    "RefinedSharedLinear",
+    "SharedBasis",
+    "SharedLinear",
+    "SparseCodeLinear",
+    "SplitQKV",
+    "index_dtype",
+]
