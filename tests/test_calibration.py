@@ -7,6 +7,7 @@ import torch
 from tiny_models import FAMILIES, build
 
 from masa.arch import find_blocks, get_adapter, unfuse_qkv
+from masa.compress.api import calibration_tokens, resolve_targets
 from masa.compress.calibration import (
     cached_calibrate,
     calibrate,
@@ -15,7 +16,6 @@ from masa.compress.calibration import (
     save_stats,
 )
 from masa.compress.config import CompressConfig
-from masa.compress.pipeline import calibration_tokens, resolve_targets
 from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
 
 

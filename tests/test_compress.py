@@ -11,9 +11,10 @@ from tiny_models import FAMILIES, build, make_low_rank, outlier_norms, outputs, 
 
 import masa
 from masa import cli
-from masa.compress import CompressConfig, calibrate, compress, replace_with_lowrank
-from masa.compress.methods import allocate_ranks
-from masa.compress.pipeline import resolve_targets
+from masa.budget import allocate, rank_knob
+from masa.compress import CompressConfig, calibrate, compress
+from masa.compress.api import resolve_targets
+from masa.compress.install import install, lowrank_replacement
 
 METHODS = ("svd", "asvd", "svd-llm")
 
@@ -44,8 +45,7 @@ def test_all_linear_ratio_and_ranks_balanced(tokens):
 
 
 def test_allocate_ranks_spends_rounding_and_bias_budget():
-    shapes = {f"m{i}": (32, 32, True) for i in range(8)}
-    ranks = allocate_ranks(shapes, 0.5)
+    ranks = allocate({f"m{i}": rank_knob(32, 32, True) for i in range(8)}, 0.5)
     stored = sum(r * 64 + 32 for r in ranks.values())
     assert abs(1 - stored / (8 * (1024 + 32)) - 0.5) < 0.01 and max(ranks.values()) - min(ranks.values()) <= 1
 
@@ -100,12 +100,14 @@ def test_errors_name_the_problem(tokens):
     with pytest.raises(ValueError, match="needs calibration data"):
         compress(build("llama", 1), CompressConfig("svd-llm", 0.3))
     model = build("llama", 1)
+    nan = lowrank_replacement(
+        "model.layers.0.self_attn.q_proj", torch.full((32, 2), torch.nan), torch.ones(2, 32), None
+    )
     with pytest.raises(
-        ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: the low-rank factors hold NaN"
+        ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.up: the fitted values hold NaN"
     ):
-        replace_with_lowrank(
-            model, "model.layers.0.self_attn.q_proj", torch.full((32, 2), torch.nan), torch.ones(2, 32), None
-        )
+        install(model, nan)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # left unchanged
 
 
 def test_non_pd_gram_is_an_error_naming_the_layer(tokens):

@@ -12,8 +12,9 @@ from tiny_models import build, outputs
 import masa
 from masa.arch import find_blocks, get_adapter, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
-from masa.compress.masa_method import MasaOptions, _allocate, _groupings
-from masa.compress.pipeline import resolve_targets
+from masa.compress.api import resolve_targets
+from masa.compress.methods.masa import MasaOptions, _allocate, _groupings
+from masa.compress.registry import method_options
 from masa.compress.whitening import whitened_error
 from masa.nn import LowRankLinear, RefinedSharedLinear
 from masa.sharing import SharedLinear
@@ -164,7 +165,7 @@ def test_save_load_round_trip(family, ids, tmp_path):
 )
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        MasaOptions.from_config(CompressConfig("masa", 0.4, options=options))
+        method_options(MasaOptions, CompressConfig("masa", 0.4, options=options))
 
 
 @pytest.mark.parametrize(

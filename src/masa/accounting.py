@@ -1,4 +1,4 @@
-"""``masa.count``: parameters and compression ratios, with shared atoms counted once (DESIGN 2.4).
+"""``masa.count``: parameters and compression ratios, with shared atoms counted once (the accounting of docs/compression.md).
 
 Every projection role of every block is looked up through the architecture adapter (attribute
 walk, so blocks that hold unregistered references to shared modules are seen too). A module's stored

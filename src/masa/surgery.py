@@ -1,13 +1,18 @@
 """Module surgery bookkeeping: matching target modules, and a replayable log of what was replaced.
 
-Every conversion (sharing, factorisation, ...) records a JSON-able operation on the model. Saving
-writes the log into ``config.json``; loading rebuilds the base architecture on the ``meta`` device
-and replays each operation with its registered replay function (shapes only, no data) before the
-weights are assigned. New conversions register a replay function with :func:`register_replay`.
+Every conversion (sharing, factorisation, ...) is a JSON-able operation on the model. Applying one
+builds the new modules (shapes only, no data) and records it; saving writes the log into
+``config.json``; loading rebuilds the base architecture on the ``meta`` device and replays the log
+before the weights are assigned. Compression applies the same operations and then assigns the
+tensors a method computed (``masa.compress.install``): one path builds every compressed model.
+
+The builders are registered with :func:`register_replay` by the modules in ``OP_MODULES``, which are
+imported before any replay, so a plain ``import masa`` can load whatever masa wrote.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Iterable
 
@@ -15,10 +20,18 @@ from torch import nn
 
 _LOG_ATTR = "_masa_surgery"
 _REPLAYS: dict[str, Callable[[nn.Module, dict], None]] = {}
+# modules registering the builders of every operation masa writes
+OP_MODULES = ("masa.nn.ops", "masa.sharing.surgery", "masa.arch.adapters")
+
+
+def _register_all() -> None:
+    for module in OP_MODULES:
+        importlib.import_module(module)
 
 
 def record(model: nn.Module, op: dict) -> None:
     """Append one operation (a JSON-able dict with an ``"op"`` name) to the model's surgery log."""
+    _register_all()
     if op.get("op") not in _REPLAYS:
         raise KeyError(f"operation {op.get('op')!r} has no registered replay; register it before recording")
     model.__dict__.setdefault(_LOG_ATTR, []).append(op)
@@ -40,8 +53,15 @@ def register_replay(name: str) -> Callable:
 
 
 def replay(model: nn.Module, ops: Iterable[dict]) -> None:
-    """Re-apply recorded operations (used by ``masa.load``); each is recorded again on the model."""
+    """Apply recorded operations (``masa.load``, and compression's install step): each builds its modules
+    (uninitialised, on the device and dtype of what it replaces) and is recorded on the model."""
+    _register_all()
     for op in ops:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise ValueError(
+                f"surgery entry {op!r} is not an operation (a dict with an 'op' name); the masa block of "
+                "config.json is corrupt: re-save the model"
+            )
         name = op.get("op")
         if name not in _REPLAYS:
             raise ValueError(

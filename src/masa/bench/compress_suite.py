@@ -5,7 +5,7 @@ one is trained from a ``masa train`` preset) is calibrated once per target set o
 tokens of a calibration text (a slice of its training text), then compressed by each method at each
 ratio with each budget allocation, always from a fresh copy and the same statistics. Every compressed
 model is scored on the first ``eval_tokens`` tokens of the evaluation text (chunked windows of T, the
-training length; DESIGN 2.5). Results are appended to OUT/results.json as they come (an interrupted
+training length; docs/compression.md). Results are appended to OUT/results.json as they come (an interrupted
 run resumes), then OUT/results.md and the plots are written.
 """
 
@@ -28,11 +28,11 @@ from torch import nn
 
 import masa
 from masa.bench.report import markdown_table
+from masa.budget import ALLOCATIONS
 from masa.compress import CompressConfig, calibrate, compress, get_method
-from masa.compress.allocation import ALLOCATIONS
+from masa.compress.api import calibration_tokens, resolve_targets
+from masa.compress.calibration import with_fisher
 from masa.compress.config import TARGET_PRESETS
-from masa.compress.fwsvd import with_fisher
-from masa.compress.pipeline import calibration_tokens, resolve_targets
 from masa.data.tokenizer import encode, load_tokenizer
 from masa.eval import load_eval_text, perplexity
 from masa.eval.datasets import DATA_DIR
@@ -389,7 +389,7 @@ def write_report(results: dict, out: Path) -> None:
         f"Model: `{setup['model']}`; dense perplexity **{dense['ppl']:.2f}**. Perplexity protocol: "
         f"{config['eval_text']}, {dense['protocol']} (chunked windows of the training length). Calibration: "
         f"first {config['calib_samples']} x {setup['calib_len']} tokens of `{config['calib_text']}`. Ratios "
-        "count the stored numbers of the targeted weights, biases and code indices included (DESIGN 2.4); "
+        "count the stored numbers of the targeted weights, biases and code indices included (the accounting of docs/compression.md); "
         "every run reached its ratio within 1 % or is marked `error`. Best per column in bold.",
         "",
     ]

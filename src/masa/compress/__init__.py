@@ -1,38 +1,39 @@
-"""Training-free compression: calibrate, then replace target layers by smaller ones (``masa compress``).
+"""Training-free compression (``masa compress``): where compression happens.
 
-Importing this package registers every method: ``svd``, ``asvd``, ``svd-llm`` (``methods``) and
-``masa`` (``masa_method``).
+* ``config``: what to do (:class:`CompressConfig`); ``layout``: the targeted layers, resolved once;
+* ``calibration/``: statistics of the targets' inputs, block by block, and their cache;
+* ``methods/``: the methods, pure math from a layout and statistics to a :class:`Replacement`;
+* ``masa.budget``: the ratio turned into knobs; ``install``: the one step that changes the model
+  (shared with ``masa.load``); ``registry``: methods by name; ``api``: :func:`compress`.
+
+Names are imported lazily, so listing methods (``registry``) does not import torch.
 """
 
-from masa.compress import (  # noqa: F401 (allocation option, more methods)
-    allocation,
-    basis_sharing,
-    cospadi,
-    fwsvd,
-    masa_method,  # noqa: F401 (registers the "masa" method)
-)
-from masa.compress.calibration import CalibrationStats, calibrate, load_stats, save_stats
-from masa.compress.config import CompressConfig
-from masa.compress.methods import (
-    MethodFn,
-    available_methods,
-    get_method,
-    register_method,
-    replace_with_lowrank,
-)
-from masa.compress.pipeline import CompressResult, compress
+from __future__ import annotations
 
-__all__ = [
-    "CalibrationStats",
-    "CompressConfig",
-    "CompressResult",
-    "MethodFn",
-    "available_methods",
-    "calibrate",
-    "compress",
-    "get_method",
-    "load_stats",
-    "register_method",
-    "replace_with_lowrank",
-    "save_stats",
-]
+import importlib
+
+_EXPORTS = {
+    "CalibrationStats": "masa.compress.calibration",
+    "calibrate": "masa.compress.calibration",
+    "load_stats": "masa.compress.calibration",
+    "save_stats": "masa.compress.calibration",
+    "CompressConfig": "masa.compress.config",
+    "CompressResult": "masa.compress.api",
+    "compress": "masa.compress.api",
+    "calibration_tokens": "masa.compress.api",
+    "resolve_targets": "masa.compress.api",
+    "Layout": "masa.compress.layout",
+    "resolve_layout": "masa.compress.layout",
+    "Replacement": "masa.compress.install",
+    "available_methods": "masa.compress.registry",
+    "get_method": "masa.compress.registry",
+    "register_method": "masa.compress.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'masa.compress' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

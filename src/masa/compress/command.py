@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from masa.compress.api import compress
 from masa.compress.config import CompressConfig
-from masa.compress.methods import available_methods, get_method
-from masa.compress.pipeline import compress
+from masa.compress.registry import METHOD_NAMES, get_method
 from masa.io import load, save
 
 DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
@@ -32,8 +32,6 @@ def _option(text: str) -> tuple[str, object]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa compress`` on the top-level CLI's subparsers."""
-    import masa.compress  # noqa: F401 (registers every method)
-
     parser = subparsers.add_parser(
         "compress",
         help="compress a saved model without training (svd, asvd, svd-llm, masa ...)",
@@ -44,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="saved model directory (masa or Hugging Face)")
-    parser.add_argument("--method", required=True, choices=available_methods(), help="compression method")
+    parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="compression method")
     parser.add_argument("--ratio", required=True, type=float, metavar="R", help="compression ratio in (0, 1)")
     parser.add_argument(
         "--targets",

@@ -16,7 +16,7 @@ class CompressConfig:
 
     Attributes:
         method: a registered method name (``svd``, ``asvd``, ``svd-llm``, ``masa`` ...).
-        ratio: compression ratio of the targeted weights, in (0, 1) (DESIGN 2.4 accounting).
+        ratio: compression ratio of the targeted weights, in (0, 1) (the accounting of docs/compression.md accounting).
         targets: ``attn`` (q, k, v, o of every block), ``all-linear`` (every projection role of the
             blocks), or module-name patterns (a name suffix or a regex over full names).
         exclude: regexes over full module names left uncompressed.

@@ -1,4 +1,4 @@
-"""Token perplexity under the two protocols of DESIGN 2.5, with the protocol recorded beside the number.
+"""Token perplexity under the two protocols of docs/compression.md, with the protocol recorded beside the number.
 
 Which tokens count (positions are 0-based in the token stream; a window covers ``[s, s + T)``):
 

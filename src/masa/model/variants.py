@@ -1,6 +1,6 @@
 """Pick each attention variant's knob so that variants are compared at an equal attention budget.
 
-Ratios use DESIGN 2.4: 1 - attention parameters stored / attention parameters of the same model with
+Ratios use the accounting of docs/compression.md: 1 - attention parameters stored / attention parameters of the same model with
 dense multi-head attention, shared atoms once, per-block coefficients counted. They are computed
 exactly by building the model on the ``meta`` device (no memory, no init work).
 

@@ -12,7 +12,7 @@ For each targeted projection role and each group of consecutive blocks (one dict
 3. Coefficients: refit per block by least squares in that block's whitened space,
    min_c ||(W_l - sum_s c_s D_s) L_l||_F (an S x S solve), so a shared atom serves each block's inputs.
 4. Correction: the block's residual gets SVD-LLM's whitened truncation (``whitened_lowrank``).
-5. Budget (DESIGN 2.4, biases kept and counted as ``masa.compress`` counts them): each role keeps
+5. Budget (the accounting of docs/compression.md, biases kept and counted as ``masa.compress`` counts them): each role keeps
    (1 - CR) of its size, tilted by ``role_weights`` (Q and O 1.5 x by default, as the paper gives them
    more rank). Per group every S from 0 (no atoms: SVD-LLM with ranks pooled over the group's blocks)
    to what the group's share affords is tried, the rank left over going to the largest residual
@@ -44,23 +44,17 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from torch import nn
 
-from masa import surgery
-from masa.arch import find_blocks, get_adapter, linear_weight, set_submodule
+from masa.budget import allocate, rank_knob, spend
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
-from masa.compress.methods import (
-    allocate_ranks,
-    options_from_config,
-    register_method,
-    replace_with_lowrank,
-    svd_llm,
-)
+from masa.compress.install import Replacement, lowrank_replacement
+from masa.compress.layout import Layout
+from masa.compress.methods.lowrank import svd_llm
+from masa.compress.registry import method_options, register_method
 from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
-from masa.nn import LowRankLinear, RefinedSharedLinear
 from masa.sharing.pca import matrix_pca
-from masa.sharing.surgery import DictionaryPlan, bank_of, build_sharing, resolve_groups
+from masa.sharing.surgery import DictionaryPlan, resolve_groups
 
 # ------------------------------------------------------------------------------------------ options
 
@@ -106,31 +100,8 @@ class MasaOptions:
         ):
             raise ValueError(f"option role_weights must map roles to positive numbers, got {weights!r}")
 
-    @classmethod
-    def from_config(cls, config: CompressConfig) -> MasaOptions:
-        return options_from_config(cls, config)
-
 
 # ---------------------------------------------------------------------------------- the layer
-
-
-def _refine(model: nn.Module, name: str, rank: int) -> RefinedSharedLinear:
-    """Wrap the :class:`SharedLinear` at ``name`` with an (uninitialised) rank-``rank`` correction."""
-    shared = model.get_submodule(name)
-    like = shared.coefficients
-    correction = LowRankLinear(
-        shared.in_features, shared.out_features, rank, device=like.device, dtype=like.dtype
-    )
-    layer = RefinedSharedLinear(shared, correction)
-    set_submodule(model, name, layer)
-    return layer
-
-
-@surgery.register_replay("refine_shared")
-def _replay_refine(model: nn.Module, op: dict) -> None:
-    for entry in op["modules"]:
-        _refine(model, entry["module"], entry["rank"])
-    surgery.record(model, op)
 
 
 # ------------------------------------------------------------------------------------ the fit
@@ -226,27 +197,11 @@ def _allocate(
     """Ranks per module: after the ``minimum`` ranks, the largest weight x sigma^2 / cost first while the
     budget lasts (a module's later singular values are never taken before its earlier ones). None when
     the minimum alone exceeds the budget."""
-    ranks = list(minimum)
     budget -= sum(m * c for m, c in zip(minimum, costs, strict=True))
     if budget < 0:
         return None
-    gains = [w * s[m:] / c for s, c, w, m in zip(spectra, costs, weights, minimum, strict=True)]
-    owner = torch.cat([torch.full((len(g),), i) for i, g in enumerate(gains)])
-    order = torch.cat(gains).argsort(descending=True, stable=True)
-    item_cost = torch.tensor(costs)[owner[order]]
-    taken = int(torch.searchsorted(item_cost.cumsum(0), budget, right=True))
-    for i in owner[order[:taken]].tolist():
-        ranks[i] += 1
-    budget -= int(item_cost[:taken].sum())
-    closed: set[int] = set()
-    for i, cost in zip(owner[order[taken:]].tolist(), item_cost[taken:].tolist(), strict=True):
-        if budget < min(costs):
-            break
-        if i not in closed and cost <= budget:
-            ranks[i], budget = ranks[i] + 1, budget - cost
-        else:
-            closed.add(i)
-    return ranks
+    gains = [w * s[m:] for s, w, m in zip(spectra, weights, minimum, strict=True)]
+    return spend(costs, gains, minimum, budget)[0]
 
 
 def _error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
@@ -345,33 +300,23 @@ def _choose_grouping(
     return best[1], candidates
 
 
-# -------------------------------------------------------------------------------- model surgery
+# ---------------------------------------------------------------------------- the replacement
 
 
-def _projections(model: nn.Module, stats: CalibrationStats, names: list[str]) -> tuple[str, dict]:
-    """The blocks path and the targeted layers grouped by role: {(role, path): [Projection, ...]}."""
-    blocks_path, _ = find_blocks(model)
-    role_of = {path: role for role, path in get_adapter(model).roles.items()}
+def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str], list[Projection]]:
+    """The targeted layers grouped by role, with their Grams and Cholesky factors: {(role, path): [...]}."""
     by_role: dict[tuple[str, str], list[Projection]] = {}
     cholesky: dict[int, torch.Tensor] = {}  # id(gram) -> factor: q/k/v share one input
-    for name in names:
-        index, _, path = name.removeprefix(blocks_path + ".").partition(".")
-        if not name.startswith(blocks_path + ".") or not index.isdigit() or not path:
-            raise ValueError(
-                f"{name} lies outside the blocks at {blocks_path!r}: masa shares weights across blocks; "
-                "exclude it, or compress it with svd-llm"
+    for key, targets in layout.by_role("masa").items():
+        for t in targets:
+            gram = stats.grams[t.name].to(torch.float64)
+            if id(stats.grams[t.name]) not in cholesky:
+                cholesky[id(stats.grams[t.name])] = cholesky_factor(gram)
+            weight = t.weight.to(device=gram.device, dtype=torch.float64)
+            by_role.setdefault(key, []).append(
+                Projection(t.name, t.block, weight, t.bias, gram, cholesky[id(stats.grams[t.name])])
             )
-        weight, bias = linear_weight(model.get_submodule(name))
-        gram = stats.grams[name].to(torch.float64)
-        if id(stats.grams[name]) not in cholesky:
-            cholesky[id(stats.grams[name])] = cholesky_factor(gram)
-        weight = weight.detach().to(device=gram.device, dtype=torch.float64)
-        projection = Projection(name, int(index), weight, bias, gram, cholesky[id(stats.grams[name])])
-        by_role.setdefault((role_of.get(path, path), path), []).append(projection)
-    for (_, path), projections in by_role.items():
-        if len({(p.weight.shape, p.bias is None) for p in projections}) > 1:
-            raise ValueError(f"layers {path!r} differ in shape or bias across blocks; target them separately")
-    return blocks_path, by_role
+    return by_role
 
 
 def _correction(unit: Unit, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -386,8 +331,8 @@ def _correction(unit: Unit, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, t
     return shared + up @ down, (up, down)
 
 
-def _build_dictionaries(model: nn.Module, blocks_path: str, units: list[Unit]) -> None:
-    """Create one dictionary per unit with atoms, swap in :class:`SharedLinear` layers, record ``share``."""
+def _dictionaries(blocks_path: str, units: list[Unit]) -> Replacement:
+    """One dictionary per unit with atoms (the ``share`` operation), its atoms, coefficients and biases."""
     plans = [
         DictionaryPlan(
             re.sub(r"\W", "_", u.role) + f"_g{u.group}", u.role, u.path, [p.block for p in u.projections],
@@ -395,25 +340,23 @@ def _build_dictionaries(model: nn.Module, blocks_path: str, units: list[Unit]) -
         )
         for u in units
     ]  # fmt: skip
-    build_sharing(model, blocks_path, plans, init="empty")
-    bank = bank_of(model)
-    with torch.no_grad():
-        for unit, plan in zip(units, plans, strict=True):
-            bank.dictionaries[plan.key].atoms.copy_(unit.atoms)
-            for p, coeffs in zip(unit.projections, unit.coefficients, strict=True):
-                layer = model.get_submodule(p.name)
-                layer.coefficients.copy_(coeffs)
-                if p.bias is not None:
-                    layer.bias.copy_(p.bias)
+    tensors = {}
+    for unit, plan in zip(units, plans, strict=True):
+        tensors[f"masa_bank.dictionaries.{plan.key}.atoms"] = unit.atoms  # (S, d_out, d_in)
+        for p, coeffs in zip(unit.projections, unit.coefficients, strict=True):
+            tensors[f"{p.name}.coefficients"] = coeffs  # (S,)
+            if p.bias is not None:
+                tensors[f"{p.name}.bias"] = p.bias
     entries = [{k: v for k, v in asdict(plan).items() if k != "unexplained"} for plan in plans]
-    surgery.record(model, {"op": "share", "blocks": blocks_path, "dictionaries": entries})
+    return Replacement([{"op": "share", "blocks": blocks_path, "dictionaries": entries}], tensors)
 
 
-def _apply(model: nn.Module, blocks_path: str, units: list[Unit]) -> dict[str, float]:
-    """Replace every targeted layer by its fit; returns each layer's whitened error."""
+def _replacement(blocks_path: str, units: list[Unit]) -> tuple[Replacement, dict[str, float]]:
+    """Every targeted layer's fit as a replacement, and each layer's whitened error."""
+    result = Replacement()
     if shared := [u for u in units if u.atoms is not None]:
-        _build_dictionaries(model, blocks_path, shared)
-    errors, refined = {}, []
+        result = _dictionaries(blocks_path, shared)
+    errors, refined, corrections = {}, [], {}
     for unit in units:
         for i, p in enumerate(unit.projections):
             approx, factors = _correction(unit, i)
@@ -421,17 +364,20 @@ def _apply(model: nn.Module, blocks_path: str, units: list[Unit]) -> dict[str, f
             if factors is None:
                 continue
             if unit.atoms is None:
-                bias = None if p.bias is None else p.bias.detach()
-                replace_with_lowrank(model, p.name, *factors, bias)
+                result = result.extend(lowrank_replacement(p.name, *factors, p.bias))
                 continue
-            layer = _refine(model, p.name, unit.ranks[i]).correction
-            with torch.no_grad():
-                layer.up.copy_(factors[0])
-                layer.down.copy_(factors[1])
             refined.append({"module": p.name, "rank": unit.ranks[i]})
-    if refined:
-        surgery.record(model, {"op": "refine_shared", "modules": refined})
-    return errors
+            corrections[f"{p.name}.correction.up"], corrections[f"{p.name}.correction.down"] = factors
+    if refined:  # the refined layer holds the shared one as ``shared``: its keys move under it
+        moved = {n["module"] for n in refined}
+        tensors = {}
+        for key, value in result.tensors.items():
+            owner, _, leaf = key.rpartition(".")
+            tensors[f"{owner}.shared.{leaf}" if owner in moved else key] = value
+        result = Replacement(
+            result.ops + [{"op": "refine_shared", "modules": refined}], {**tensors, **corrections}
+        )
+    return result, errors
 
 
 # ----------------------------------------------------------------------------------- the method
@@ -511,7 +457,7 @@ def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, fl
     """SVD-LLM's whitened error per layer at the same ratio (its own ranks, in target order); None
     where SVD-LLM cannot reach the ratio."""
     try:
-        ranks = allocate_ranks({p.name: (*p.weight.shape, p.bias is not None) for p in projections}, ratio)
+        ranks = allocate({p.name: rank_knob(*p.weight.shape, p.bias is not None) for p in projections}, ratio)
     except ValueError:
         return None
     return {
@@ -548,19 +494,17 @@ def _roles_report(plan: Plan, errors: dict[str, float], svd_errors: dict[str, fl
     return report
 
 
-@register_method("masa", needs=("grams", "block_kl"))
-def compress_masa(
-    model: nn.Module, stats: CalibrationStats, names: list[str], config: CompressConfig
-) -> dict:
+@register_method("masa", needs=("grams", "block_kl"), options=MasaOptions)
+def compress_masa(layout: Layout, stats: CalibrationStats, config: CompressConfig) -> Replacement:
     """Shared atoms per role and group of blocks plus whitened low-rank corrections (module docstring).
 
     Falls back to plain SVD-LLM when that scores better on the objective (rank rounding on tiny layers).
     """
-    options = MasaOptions.from_config(config)
-    blocks_path, by_role = _projections(model, stats, names)
-    plan = _plan(by_role, len(find_blocks(model, blocks_path)[1]), stats.block_kl, config.ratio, options)
+    options = method_options(MasaOptions, config)
+    by_role = _projections(layout, stats)
+    plan = _plan(by_role, layout.n_blocks, stats.block_kl, config.ratio, options)
     lookup = {p.name: p for ps in by_role.values() for p in ps}
-    svd_errors = _svd_llm_errors([lookup[n] for n in names], config.ratio)
+    svd_errors = _svd_llm_errors([lookup[n] for n in layout.names], config.ratio)
     reference = {
         "role_weights": options.role_weights,
         "objective_svd_llm": None if svd_errors is None else plan.objective(svd_errors),
@@ -568,16 +512,18 @@ def compress_masa(
     }
     planned = plan.planned_errors()
     if svd_errors is not None and plan.objective(svd_errors) < plan.objective(planned):
-        report = svd_llm(model, stats, names, replace(config, method="svd-llm", options={}))
-        summary = {
+        result = svd_llm(layout, stats, replace(config, method="svd-llm", options={}))
+        result.report = {
+            **result.report,
+            **reference,
             "fallback": "svd-llm",
             "objective": reference["objective_svd_llm"],
             "objective_masa_plan": plan.objective(planned),
             "roles": _roles_report(plan, planned, svd_errors),
         }
-        return {**report, **reference, **summary}
-    errors = _apply(model, blocks_path, plan.units)
-    return {
+        return result
+    result, errors = _replacement(layout.blocks_path, plan.units)
+    result.report = {
         **reference,
         "fallback": None,
         "ratio_reached": 1.0 - sum(u.stored() for u in plan.units) / sum(u.dense for u in plan.units),
@@ -585,3 +531,4 @@ def compress_masa(
         "whitened_error": sum(errors.values()),
         "roles": _roles_report(plan, errors, svd_errors),
     }
+    return result

@@ -1,9 +1,8 @@
-"""``masa.compress``: pick the target layers, calibrate, run a method, and check the ratio reached."""
+"""``masa.compress.compress``: resolve the layout, calibrate, run a method, install its result, check the ratio."""
 
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -11,20 +10,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from masa import surgery
 from masa.accounting import count
-from masa.arch import (
-    ATTENTION_ROLES,
-    find_blocks,
-    get_adapter,
-    model_type,
-    supported_families,
-    unfuse_qkv,
-)
-from masa.compress.calibration import CalibrationStats, cached_calibrate
-from masa.compress.config import TARGET_PRESETS, CompressConfig
-from masa.compress.fwsvd import with_fisher
-from masa.compress.methods import get_method
+from masa.compress.calibration import CalibrationStats, cached_calibrate, with_fisher
+from masa.compress.config import CompressConfig
+from masa.compress.install import install
+from masa.compress.layout import Layout, resolve_layout
+from masa.compress.registry import get_method
 from masa.data.tokenizer import encode
 from masa.eval.datasets import load_eval_text
 
@@ -35,7 +26,7 @@ RATIO_TOLERANCE = 0.01  # |reached - requested| allowed, in absolute ratio
 class CompressResult:
     """What :func:`compress` did: the budget requested and reached, sizes, timings and the method's report.
 
-    Ratios follow DESIGN 2.4: 1 - stored numbers of the targeted weights (biases included) after / before.
+    Ratios follow the accounting of docs/compression.md: 1 - stored numbers of the targeted weights (biases included) after / before.
     """
 
     method: str
@@ -73,54 +64,8 @@ class CompressResult:
 
 
 def resolve_targets(model: nn.Module, config: CompressConfig) -> list[str]:
-    """Full names of the modules to compress; unfuses GPT-2's Q/K/V first (recorded) so each is a Linear."""
-    preset = config.targets[0] if config.targets[0] in TARGET_PRESETS else None
-    try:
-        adapter = get_adapter(model)
-    except ValueError as err:
-        if preset is None:
-            adapter = None
-        else:
-            raise ValueError(
-                f"--targets {preset} needs a known architecture: {type(model).__name__} (model_type "
-                f"{model_type(model)!r}) is not one of {supported_families()}; name the layers to compress "
-                "with --targets PATTERN ... (module-name suffixes or regexes, e.g. 'q_proj' 'k_proj')"
-            ) from err
-    if adapter is not None and adapter.fused_qkv is not None:
-        blocks_path, _ = find_blocks(model)
-        if unfuse_qkv(model, blocks_path):
-            surgery.record(model, {"op": "unfuse_qkv", "blocks": blocks_path})
-    if preset is None:
-        return surgery.match_modules(model, config.targets, config.exclude, kinds=_linear_kinds())
-    roles = ATTENTION_ROLES if preset == "attn" else tuple(adapter.roles)
-    blocks_path, blocks = find_blocks(model)
-    names = [
-        f"{blocks_path}.{i}.{adapter.roles[role]}"
-        for i, block in enumerate(blocks)
-        for role in roles
-        if role in adapter.roles and isinstance(_find(block, adapter.roles[role]), _linear_kinds())
-    ]
-    excludes = [re.compile(p) for p in config.exclude]
-    names = [n for n in names if not any(e.search(n) for e in excludes)]
-    if not names:
-        raise ValueError(
-            f"--targets {preset} finds no linear layer to compress in {type(model).__name__} after "
-            f"--exclude {list(config.exclude)}; relax the exclusions"
-        )
-    return names
-
-
-def _find(block: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return block.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _linear_kinds() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer
-
-    return (nn.Linear, Conv1D)
+    """Full names of the modules ``config`` targets (unfusing fused projections first, recorded)."""
+    return resolve_layout(model, config).names
 
 
 def calibration_tokens(
@@ -179,48 +124,28 @@ def compress(
     Raises ValueError when the reached ratio is off by more than 1 % (the model is then left changed).
     """
     method = get_method(config.method)
-    names = resolve_targets(model, config)
-    modules = {name: model.get_submodule(name) for name in names}
-    target_before = sum(p.numel() for m in modules.values() for p in m.parameters())
+    layout = resolve_layout(model, config)
+    names = layout.names
+    target_before = sum(t.dense for t in layout.targets)
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
-    tokens = None  # (N, T) calibration ids, tokenised once for the statistics and the Fisher information
-    if method.needs and stats is None:
-        if calib is None:
-            raise ValueError(
-                f"method {config.method!r} needs calibration data: pass calib= (text or token ids)"
-            )
-        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
-        start = time.perf_counter()
-        stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
-        seconds["calibration"] = time.perf_counter() - start
-    if "fisher" in method.needs and any(n not in getattr(stats, "fisher", {}) for n in names):
-        if calib is None:
-            raise ValueError(
-                f"method {config.method!r} needs loss gradients on calibration tokens, which statistics "
-                "alone do not keep: pass calib= (text or token ids) as well as stats="
-            )
-        if tokens is None:
-            tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
-        start = time.perf_counter()
-        stats = with_fisher(stats, model, tokens, names)
-        seconds["fisher"] = time.perf_counter() - start
-    if method.needs and (missing := [n for n in names if n not in stats.grams]):
-        raise ValueError(
-            f"the calibration statistics do not cover {missing[:3]}; recalibrate for these targets"
-        )
+    if method.needs:
+        stats, reused = _statistics(model, layout, config, method.needs, calib, tokenizer, stats,
+                                            cache_dir, source, progress, seconds)  # fmt: skip
     start = time.perf_counter()
     with torch.no_grad():
-        report = method.fn(model, stats if method.needs else None, names, config)
+        replacement = method.fn(layout, stats if method.needs else None, config)
     seconds["factorisation"] = time.perf_counter() - start
+    install(model, replacement)
+    report = replacement.report
     total_after = _stored_numbers(model)
     target_after = target_before - (total_before - total_after)  # nothing outside the targets changes
     reached = 1.0 - target_after / target_before
     if abs(reached - config.ratio) > RATIO_TOLERANCE:
         raise ValueError(
             f"method {config.method!r} reached ratio {reached:.4f} instead of {config.ratio:.4f} over the "
-            f"{len(names)} targeted modules (biases included, DESIGN 2.4); their shapes are too coarse for this "
+            f"{len(names)} targeted modules (biases included, the accounting of docs/compression.md); their shapes are too coarse for this "
             "budget: choose another ratio or more/larger targets"
         )
     calibration = {**stats.summary(), "reused": reused} if method.needs else None
@@ -237,3 +162,46 @@ def compress(
         config.method, config.ratio, reached, list(config.targets), len(names), total_before, total_after,
         target_before, target_after, seconds, calibration, report, info,
     )  # fmt: skip
+
+
+def _statistics(
+    model: nn.Module,
+    layout: Layout,
+    config: CompressConfig,
+    needs: tuple[str, ...],
+    calib,
+    tokenizer,
+    stats: CalibrationStats | None,
+    cache_dir,
+    source,
+    progress,
+    seconds: dict[str, float],
+) -> tuple[CalibrationStats, bool]:
+    """The calibration statistics a method ``needs``: given, cached or computed (Fisher information added
+    from the calibration tokens when asked); records the time of each phase in ``seconds``."""
+    names, reused, tokens = layout.names, stats is not None, None
+    if stats is None:
+        if calib is None:
+            raise ValueError(
+                f"method {config.method!r} needs calibration data: pass calib= (text or token ids)"
+            )
+        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        start = time.perf_counter()
+        stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
+        seconds["calibration"] = time.perf_counter() - start
+    if missing := [n for n in names if n not in stats.grams]:
+        raise ValueError(
+            f"the calibration statistics do not cover {missing[:3]}; recalibrate for these targets"
+        )
+    if "fisher" in needs and any(n not in (stats.fisher or {}) for n in names):
+        if calib is None:
+            raise ValueError(
+                f"method {config.method!r} needs loss gradients on calibration tokens, which statistics "
+                "alone do not keep: pass calib= (text or token ids) as well as stats="
+            )
+        if tokens is None:
+            tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        start = time.perf_counter()
+        stats = with_fisher(stats, model, tokens, names, layout.causal)
+        seconds["fisher"] = time.perf_counter() - start
+    return stats, reused

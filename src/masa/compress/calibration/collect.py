@@ -12,25 +12,19 @@ drift between consecutive blocks (MASA's grouping signal).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-import json
 import os
 import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from masa.arch import find_blocks, get_adapter
 
-STATS_VERSION = 1  # bump when the statistics or their file layout change (invalidates caches)
 LENS_CHUNK = 1024  # tokens per logit-lens chunk: bounds the (chunk, vocab) logits held at once
 
 # family -> modules mapping a block's hidden state to next-token logits (final norm ..., head);
@@ -58,6 +52,9 @@ class CalibrationStats:
         n_samples, seq_len: the calibration batch shape (N, T).
         peak_memory_bytes: peak memory growth while calibrating (device allocator, or process RSS on CPU).
         seconds: wall time of the calibration.
+        streamed: whether it ran block by block (models with an architecture adapter).
+        fisher: module name -> row-wise Fisher information (d_out,) float64, for methods that need it
+            (``calibration.fisher``); None when not computed.
     """
 
     grams: dict[str, torch.Tensor]
@@ -69,6 +66,7 @@ class CalibrationStats:
     peak_memory_bytes: int = 0
     seconds: float = 0.0
     streamed: bool = field(default=True, compare=False)
+    fisher: dict[str, torch.Tensor] | None = field(default=None, compare=False)
 
     def summary(self) -> dict:
         """JSON-able summary for reports and config.json."""
@@ -352,108 +350,3 @@ def _calibrate_whole(
             accumulator.new_forward()
             model(batch, **_model_kwargs(model))
     accumulator.new_forward()
-
-
-# ------------------------------------------------------------------------------------------- cache
-
-
-def calibration_cache_key(
-    model: nn.Module | str | os.PathLike, tokens: torch.Tensor, module_names: list[str]
-) -> str:
-    """A hex digest identifying (model weights, calibration tokens, target modules).
-
-    A model directory is identified by its config.json and its weight files' names, sizes and
-    modification times (no need to read gigabytes); an in-memory model by the bytes of its state dict.
-    """
-    digest = hashlib.sha256(f"masa-calibration-v{STATS_VERSION}".encode())
-    if isinstance(model, nn.Module):
-        for key, tensor in model.state_dict().items():
-            digest.update(key.encode())
-            digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        directory = Path(model)
-        digest.update((directory / "config.json").read_bytes())
-        for file in sorted(directory.glob("*.safetensors")):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    tokens = tokens.detach().cpu().to(torch.int64).contiguous()
-    digest.update(str(tuple(tokens.shape)).encode())
-    digest.update(tokens.numpy().tobytes())
-    digest.update(json.dumps(sorted(module_names)).encode())
-    return digest.hexdigest()[:32]
-
-
-def save_stats(stats: CalibrationStats, path: str | os.PathLike) -> Path:
-    """Write ``stats`` to one safetensors file (shared tensors once; the rest as JSON metadata), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    owners: dict[int, str] = {}  # id(gram) -> key of its first module
-    tensors: dict[str, torch.Tensor] = {}
-    for name, gram in stats.grams.items():
-        if id(gram) not in owners:
-            owners[id(gram)] = name
-            tensors[f"gram/{name}"] = gram.detach().cpu().contiguous()
-            tensors[f"abs_mean/{name}"] = stats.abs_mean[name].detach().cpu().contiguous()
-    meta = {
-        "version": STATS_VERSION,
-        "shares": {name: owners[id(gram)] for name, gram in stats.grams.items()},
-        "n_rows": stats.n_rows,
-        "block_kl": stats.block_kl,
-        "n_samples": stats.n_samples,
-        "seq_len": stats.seq_len,
-        "peak_memory_bytes": stats.peak_memory_bytes,
-        "seconds": stats.seconds,
-        "streamed": stats.streamed,
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"masa_calibration": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def load_stats(path: str | os.PathLike) -> CalibrationStats:
-    """Read statistics written by :func:`save_stats` (shared Grams come back as one tensor object)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["masa_calibration"])
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (no __iter__)
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"{path} is not a masa calibration file ({err}); delete it to recalibrate") from err
-    if meta.get("version") != STATS_VERSION:
-        raise ValueError(
-            f"{path} holds calibration format {meta.get('version')}, not {STATS_VERSION}; delete it"
-        )
-    shares = meta["shares"]
-    grams = {name: tensors[f"gram/{owner}"] for name, owner in shares.items()}
-    abs_mean = {name: tensors[f"abs_mean/{owner}"] for name, owner in shares.items()}
-    return CalibrationStats(
-        grams, abs_mean, meta["n_rows"], meta["block_kl"], meta["n_samples"], meta["seq_len"],
-        meta["peak_memory_bytes"], meta["seconds"], meta["streamed"],
-    )  # fmt: skip
-
-
-def cached_calibrate(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    module_names: list[str],
-    cache_dir: str | os.PathLike | None,
-    source: str | os.PathLike | None = None,
-    **kwargs,
-) -> tuple[CalibrationStats, bool]:
-    """:func:`calibrate` through a cache directory (None: no cache); returns (stats, whether it was cached).
-
-    ``source`` (the model directory it was loaded from) makes the key cheap; else the weights are hashed.
-    """
-    if cache_dir is None:
-        return calibrate(model, tokens, module_names, **kwargs), False
-    key = calibration_cache_key(source if source is not None else model, tokens, module_names)
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.exists():
-        return load_stats(path), True
-    stats = calibrate(model, tokens, module_names, **kwargs)
-    save_stats(stats, path)
-    return stats, False

@@ -23,16 +23,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from masa import surgery
-from masa.arch import linear_weight
-from masa.compress.allocation import ALLOCATIONS, Knob, allocate, budget_of
-from masa.compress.basis_sharing import Group, block_groups, install
+from masa.budget import ALLOCATIONS, Knob, allocate, budget_of
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
-from masa.compress.methods import options_from_config, register_method
-from masa.nn import SharedBasis, SparseCodeLinear, index_dtype
+from masa.compress.install import Replacement
+from masa.compress.layout import Layout
+from masa.compress.methods.basis_sharing import Group, block_groups
+from masa.compress.registry import method_options, register_method
+from masa.nn import index_dtype
 
 MAX_CHOLESKY_NUMBERS = 2**25  # OMP's factors (rows x s x s) held at once; larger batches are split
 
@@ -174,10 +173,6 @@ class CospadiOptions:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"option allocation={self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
 
-    @classmethod
-    def from_config(cls, config: CompressConfig) -> CospadiOptions:
-        return options_from_config(cls, config)
-
 
 # ---------------------------------------------------------------------------------------- budget
 
@@ -226,30 +221,6 @@ def _sparsities(groups: list[Group], options: CospadiOptions, ratio: float, dtyp
     return steps, {key: widest for key, (_, widest) in planned.items()}
 
 
-# ---------------------------------------------------------------------------------------- surgery
-
-
-def _sparse_layers(model: nn.Module, spec: dict) -> list[SparseCodeLinear]:
-    d_out, d_in = spec["shape"]
-    like, _ = linear_weight(model.get_submodule(spec["members"][0]))
-    basis = SharedBasis(spec["atoms"], d_in, device=like.device, dtype=like.dtype)
-    indices = getattr(torch, spec["indices_dtype"])
-    return install(
-        model,
-        spec["members"],
-        lambda owner: SparseCodeLinear(
-            basis, d_out, spec["sparsity"], spec["bias"], owner, indices, device=like.device, dtype=like.dtype
-        ),
-    )
-
-
-@surgery.register_replay("sparse_code")
-def _replay(model: nn.Module, op: dict) -> None:
-    for spec in op["groups"]:
-        _sparse_layers(model, spec)
-    surgery.record(model, op)
-
-
 def _fit(
     groups: list[Group], sparsity: dict[str, int], options: CospadiOptions, seed: int
 ) -> dict[str, tuple]:
@@ -268,37 +239,32 @@ def _fit(
     return fits
 
 
-@register_method("cospadi", needs=("grams",))
-def cospadi(model: nn.Module, stats: CalibrationStats, names: list[str], config: CompressConfig) -> dict:
+@register_method("cospadi", needs=("grams",), options=CospadiOptions)
+def cospadi(layout: Layout, stats: CalibrationStats, config: CompressConfig) -> Replacement:
     """Whitened K-SVD dictionaries with sparse codes per layer or group of blocks (module docstring)."""
-    options = CospadiOptions.from_config(config)
-    groups, _ = block_groups(model, stats, names, options.group_size, None, config.method)
-    dtype = linear_weight(model.get_submodule(names[0]))[0].dtype
-    sparsity, widths = _sparsities(groups, options, config.ratio, dtype)
+    options = method_options(CospadiOptions, config)
+    groups, _ = block_groups(layout, stats, options.group_size, None, config.method)
+    sparsity, widths = _sparsities(groups, options, config.ratio, layout.targets[0].weight.dtype)
     fits = _fit(groups, sparsity, options, config.seed)
-    specs = []
+    specs, tensors = [], {}
     for i, group in enumerate(groups):
         key, s = f"group{i}", sparsity[f"group{i}"]
-        spec = group.spec(
-            atoms=options.atoms_per_code * s,
-            sparsity=s,
-            indices_dtype=str(widths[key]).removeprefix("torch."),
+        specs.append(
+            group.spec(
+                atoms=options.atoms_per_code * s,
+                sparsity=s,
+                indices_dtype=str(widths[key]).removeprefix("torch."),
+            )
         )
-        biases = [linear_weight(model.get_submodule(n))[1] for n in group.names]
-        layers = _sparse_layers(model, spec)
-        dictionary, indices, values = fits[key]
-        with torch.no_grad():
-            layers[0].basis.weight.copy_(dictionary)
-            for layer, idx, val, bias in zip(
-                layers, indices.split(group.shape[0]), values.split(group.shape[0]), biases, strict=True
-            ):
-                layer.indices.copy_(idx)
-                layer.values.copy_(val)
-                if bias is not None:
-                    layer.bias.copy_(bias.detach())
-        specs.append(spec)
-    surgery.record(model, {"op": "sparse_code", "groups": specs})
-    return {
+        dictionary, indices, values = fits[key]  # (k, d_in), (n d_out, s), (n d_out, s)
+        tensors[f"{group.names[0]}.basis.weight"] = dictionary
+        rows = group.shape[0]
+        for t, idx, val in zip(group.targets, indices.split(rows), values.split(rows), strict=True):
+            tensors[f"{t.name}.indices"] = idx
+            tensors[f"{t.name}.values"] = val
+            if t.bias is not None:
+                tensors[f"{t.name}.bias"] = t.bias
+    report = {
         "allocation": options.allocation,
         "iterations": options.iterations,
         "atoms_per_code": options.atoms_per_code,
@@ -307,3 +273,4 @@ def cospadi(model: nn.Module, stats: CalibrationStats, names: list[str], config:
             for s in specs
         ],
     }
+    return Replacement([{"op": "sparse_code", "groups": specs}], tensors, report)
