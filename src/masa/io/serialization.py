@@ -246,7 +246,7 @@ def load(
     """
     checkpoint = inspect_checkpoint(directory)
     model = _load_masa(checkpoint) if checkpoint.is_masa else load_pretrained(checkpoint, dtype)
-    _check_finite(model.state_dict(), checkpoint.directory)
+    _check_finite(dict(model.named_parameters()), checkpoint.directory)
     model.to(device=device, dtype=dtype)
     return model.eval()
 
