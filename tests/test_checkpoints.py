@@ -289,3 +289,14 @@ def test_remote_code_tokenizer_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="own tokenizer code.*never runs remote code"):
         load_tokenizer(directory)
+
+
+def test_remote_code_model_is_refused(tmp_path):
+    directory = checkpoints.with_config(
+        checkpoints.llama(tmp_path / "m"),
+        model_type="my_custom_lm",
+        architectures=["MyCustomForCausalLM"],
+        auto_map={"AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"},
+    )
+    with pytest.raises(ValueError, match="as AutoModel \\(it needs its own code.*never runs remote code"):
+        masa.load(directory)
