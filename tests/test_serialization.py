@@ -126,3 +126,42 @@ def test_corrupt_and_absent_files(tmp_path):
         masa.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         masa.load(tmp_path / "nowhere")
+
+
+COMPANIONS = [
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENCE.md",
+    "README.md",
+    "NOTICE",
+    "USE_POLICY.md",
+]
+
+
+def test_save_copies_companion_files_from_the_source(tmp_path, ids):
+    from tokenizers import Tokenizer, models
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in [*COMPANIONS, "tokenizer.json", "tokenizer_config.json", "notes.txt", "model.safetensors"]:
+        (source / name).write_text(f"source {name}")
+    model = build("llama")
+    expected = sorted(
+        [*COMPANIONS, "tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"]
+    )
+    masa.save(model, tmp_path / "a", files_from=source)
+    masa.save(model, tmp_path / "b", tokenizer_from=source)  # the former name keeps working
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert sorted(p.name for p in out.iterdir()) == expected
+        assert (out / "LICENSE").read_text() == "source LICENSE"
+        torch.testing.assert_close(outputs(masa.load(out), ids), outputs(model, ids), atol=0, rtol=0)
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    masa.save(model, tmp_path / "c", tokenizer=tok, files_from=source)  # the given tokenizer wins
+    assert not (tmp_path / "c" / "tokenizer_config.json").exists()
+    assert Tokenizer.from_file(str(tmp_path / "c" / "tokenizer.json")).get_vocab() == tok.get_vocab()
+    assert (tmp_path / "c" / "chat_template.jinja").exists()
+    with pytest.raises(ValueError, match="differ: pass only files_from"):
+        masa.save(model, tmp_path / "d", files_from=source, tokenizer_from=tmp_path)

@@ -99,20 +99,46 @@ def train_tokenizer(files: Sequence[Path], kind: str, vocab_size: int, cache_dir
 
 
 def load_tokenizer(model_dir: str | Path) -> AnyTokenizer:
-    """The tokenizer of a model directory: its `tokenizer.json`, else whatever `AutoTokenizer` finds."""
+    """The tokenizer of a model directory: its `tokenizer.json`, else whatever `AutoTokenizer` finds.
+
+    Long texts (calibration, evaluation, training streams) must become all their tokens, so any truncation
+    or padding the files carry (sentence-transformers tokenizers truncate at 128) is switched off here and
+    in `encode`. Tokenizers that need their own code (an `auto_map`) are refused: no remote code runs.
+    """
     model_dir = Path(model_dir)
+    _refuse_remote_code(model_dir)
     path = model_dir / TOKENIZER_FILE
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"no {TOKENIZER_FILE} in {model_dir} and transformers could not load a tokenizer from it ({err}): "
             "save the tokenizer beside the model"
         ) from err
+
+
+def _refuse_remote_code(model_dir: Path) -> None:
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    try:
+        auto_map = json.loads(path.read_text()).get("auto_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(
+            f"{path} is not a valid JSON object ({err}); the tokenizer files are corrupt"
+        ) from err
+    if auto_map:
+        raise ValueError(
+            f"{path} names its own tokenizer code (auto_map {auto_map}), and masa never runs remote code; if "
+            f"{TOKENIZER_FILE} alone tokenizes this model correctly, remove auto_map from tokenizer_config.json"
+        )
 
 
 def tokenizer_hash(tok: AnyTokenizer) -> str:
@@ -122,17 +148,17 @@ def tokenizer_hash(tok: AnyTokenizer) -> str:
 
 
 def encode(tok: AnyTokenizer, text: str) -> list[int]:
-    """Token ids of `text`, without BOS/EOS or other special tokens added."""
+    """All token ids of `text` (never truncated, no length warning), without BOS/EOS or other specials."""
     if isinstance(tok, Tokenizer):
         return tok.encode(text, add_special_tokens=False).ids
-    return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text, add_special_tokens=False, truncation=False, verbose=False)
 
 
 def encode_batch(tok: AnyTokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of several texts (in parallel for `tokenizers.Tokenizer`)."""
     if isinstance(tok, Tokenizer):
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-    return [tok.encode(text, add_special_tokens=False) for text in texts]
+    return [encode(tok, text) for text in texts]
 
 
 def decode(tok: AnyTokenizer, ids: Sequence[int]) -> str:

@@ -5,9 +5,11 @@ A saved model is a directory with
     the replayable surgery log, method, ratio, targets, calibration summary ...);
   * ``model.safetensors``: every tensor once (shared atom banks and tied embeddings stored once;
     aliases recorded in the file's metadata);
-  * the tokenizer files.
-Loading builds the base architecture with parameters on the ``meta`` device, replays the recorded
-surgery, checks every key and shape, then assigns the weights. No pickle, no remote code.
+  * the tokenizer files, and the source's generation config, chat template, licence and model card.
+``load`` reads such a directory by building the base architecture with parameters on the ``meta``
+device, replaying the recorded surgery, checking every key and shape, then assigning the weights.
+A plain Hugging Face directory (no ``masa`` block) goes through transformers' ``from_pretrained``
+instead (see ``masa.io.pretrained``). No pickle, no remote code.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,19 +30,36 @@ from torch import nn
 
 from masa import surgery
 from masa.io.atomic import atomic_directory, write_json
+from masa.io.checkpoint import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    Checkpoint,
+    inspect_checkpoint,
+)
+from masa.io.pretrained import architecture_class, load_pretrained
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "vocab.json",
     "merges.txt",
     "vocab.txt",
     "tokenizer.model",
+)
+# Files a model directory carries besides weights and tokenizer: generation defaults, chat format,
+# and the licence terms and model card that must travel with derived weights.
+COMPANION_PATTERNS = (
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE*",
+    "LICENCE*",
+    "README.md",
+    "NOTICE",
+    "USE_POLICY.md",
 )
 
 
@@ -73,23 +93,15 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights(directory: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
     """Read all tensors of a model directory (single or sharded safetensors), restoring aliases."""
-    directory = Path(directory)
-    files = [directory / WEIGHTS_NAME]
-    if not files[0].exists() and (directory / WEIGHTS_INDEX_NAME).exists():
-        index = json.loads((directory / WEIGHTS_INDEX_NAME).read_text())
-        files = [directory / f for f in sorted(set(index["weight_map"].values()))]
-    if not files[0].exists():
-        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = (
-            f" (found {pickled}: pickle files are never loaded; convert them to safetensors first)"
-            if pickled
-            else ""
-        )
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
+    checkpoint = (
+        directory
+        if isinstance(directory, Checkpoint)
+        else inspect_checkpoint(directory, require_config=False)
+    )
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in checkpoint.weight_files:
         try:
             with safe_open(str(file), framework="pt") as fh:
                 aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
@@ -116,6 +128,12 @@ def model_config_dict(model: nn.Module) -> dict:
         )
     data = dict(config.to_dict())
     data.pop("masa", None)
+    cls = type(model)
+    if (
+        cls.__module__.startswith("transformers.")
+        and getattr(sys.modules["transformers"], cls.__name__, None) is cls
+    ):
+        data["architectures"] = [cls.__name__]  # as save_pretrained records it, so load rebuilds this class
     return data
 
 
@@ -124,6 +142,7 @@ def save(
     directory: str | os.PathLike,
     *,
     tokenizer=None,
+    files_from: str | os.PathLike | None = None,
     tokenizer_from: str | os.PathLike | None = None,
     info: dict | None = None,
     overwrite: bool = False,
@@ -132,13 +151,20 @@ def save(
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer`` or a transformers tokenizer to save alongside.
-        tokenizer_from: a directory whose tokenizer files are copied (e.g. the source checkpoint).
+        files_from: the source model directory: its tokenizer files (unless ``tokenizer`` is given),
+            generation config, chat template, licence, notice and model card are copied.
+        tokenizer_from: the former name of ``files_from``, still accepted.
         info: extra fields for the ``masa`` block of config.json (method, ratio, calibration ...).
         overwrite: replace an existing directory (only once the new one is completely written).
     """
     from masa import __version__
     from masa.accounting import count
 
+    if files_from is not None and tokenizer_from is not None and Path(files_from) != Path(tokenizer_from):
+        raise ValueError(
+            f"files_from={files_from} and tokenizer_from={tokenizer_from} differ: pass only files_from"
+        )
+    source = files_from if files_from is not None else tokenizer_from
     config = model_config_dict(model)
     block = {"format_version": FORMAT_VERSION, "version": __version__, **(info or {})}
     block["surgery"] = surgery.operations(model)
@@ -148,16 +174,26 @@ def save(
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_weights(model, tmp / WEIGHTS_NAME)
         write_json(tmp / CONFIG_NAME, config)
+        if source is not None:
+            _copy_files(Path(source), tmp, with_tokenizer=tokenizer is None)
         if tokenizer is not None:
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(tmp))
             else:
                 tokenizer.save(str(tmp / "tokenizer.json"))
-        elif tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).exists():
-                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
     return Path(directory)
+
+
+def _copy_files(source: Path, target: Path, *, with_tokenizer: bool) -> None:
+    """Copy the companion files (and the tokenizer files) present in ``source`` to ``target``."""
+    if not source.is_dir():
+        raise NotADirectoryError(f"files_from={source} is not a directory: pass the source model directory")
+    names = {p.name for pattern in COMPANION_PATTERNS for p in source.glob(pattern)}
+    if with_tokenizer:
+        names |= set(TOKENIZER_FILES)
+    for name in sorted(names):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)  # follows symlinks (hub cache snapshots)
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -181,24 +217,8 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
-    if not (directory / CONFIG_NAME).exists():
-        raise FileNotFoundError(
-            f"{directory} has no {CONFIG_NAME}: not a model directory (save one with masa.save)"
-        )
-    try:
-        return json.loads((directory / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{directory / CONFIG_NAME} is not valid JSON ({err}); the checkpoint is corrupt"
-        ) from err
-
-
 def build_base(config: dict, directory: str | os.PathLike | None = None) -> nn.Module:
-    """Instantiate the (unshared) base architecture described by a config dict."""
+    """Instantiate the (unshared) base architecture described by a config dict, without loading weights."""
     config = {k: v for k, v in config.items() if k != "masa"}
     if config.get("model_type") == "masa_lm":
         from masa.model import MasaLM, MasaLMConfig
@@ -209,33 +229,43 @@ def build_base(config: dict, directory: str | os.PathLike | None = None) -> nn.M
     model_type = config.get("model_type")
     try:
         hf_config = transformers.AutoConfig.for_model(**config)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"unknown model_type {model_type!r} in config.json ({err})") from err
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM if model_type != "bert" else transformers.AutoModel
-        return cls.from_config(hf_config)
-    return cls._from_config(hf_config)
+    cls = architecture_class(config)
+    if issubclass(cls, transformers.PreTrainedModel):
+        return cls._from_config(hf_config)
+    return cls.from_config(hf_config)  # an Auto class
 
 
 def load(
     directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Load a model saved by :func:`save` (or a plain Hugging Face safetensors checkpoint)."""
-    directory = Path(directory)
-    config = read_config(directory)
-    block = config.get("masa", {})
-    if block.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(
-            f"{directory} was written by a newer masa (format {block['format_version']}); upgrade masa"
-        )
-    tensors = read_weights(directory)
+    """Load a model directory: one written by :func:`save`, or any plain Hugging Face safetensors checkpoint.
+
+    ``dtype`` converts the weights; by default they keep the checkpoint's dtype.
+    """
+    checkpoint = inspect_checkpoint(directory)
+    model = _load_masa(checkpoint) if checkpoint.is_masa else load_pretrained(checkpoint, dtype)
+    _check_finite(dict(model.named_parameters()), checkpoint.directory)
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _load_masa(checkpoint: Checkpoint) -> nn.Module:
+    """Rebuild on meta, replay the surgery, check keys strictly and assign the tensors of a masa directory."""
+    directory = checkpoint.directory
+    tensors = read_weights(checkpoint)
     with parameters_on_meta():
-        model = build_base(config, directory)
-        surgery.replay(model, block.get("surgery", []))
+        model = build_base(checkpoint.config, directory)
+        for i, op in enumerate(checkpoint.masa_block.get("surgery", [])):
+            try:
+                surgery.replay(model, [op])
+            except (KeyError, TypeError, AttributeError, IndexError) as err:
+                raise ValueError(
+                    f"{directory / CONFIG_NAME}: masa.surgery[{i}] ({op['op']}) is malformed ({err!r}); the file "
+                    "is corrupt or was edited by hand, re-save the model with masa.save"
+                ) from err
     _check_keys(model, tensors, directory)
-    _check_finite(tensors, directory)
     model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -243,8 +273,7 @@ def load(
         raise ValueError(
             f"{directory}: weights missing after load for {left[:5]}; the checkpoint is incomplete"
         )
-    model.to(device=device, dtype=dtype)
-    return model.eval()
+    return model
 
 
 def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
@@ -266,7 +295,7 @@ def _check_keys(model: nn.Module, tensors: dict[str, torch.Tensor], directory: P
         if shapes:
             parts.append(f"mis-shaped {shapes[:5]}")
         raise ValueError(
-            f"{directory / WEIGHTS_NAME} does not match its config.json: {'; '.join(parts)}. The checkpoint is "
+            f"the weights of {directory} do not match its config.json: {'; '.join(parts)}. The checkpoint is "
             "corrupt or was written for another configuration; re-save it from the model"
         )
 
