@@ -8,11 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from masa.compress.config import CompressConfig
-from masa.compress.methods import available_methods, get_method
-from masa.compress.pipeline import compress
-from masa.io import load, save
-
 DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
 
 
@@ -32,7 +27,7 @@ def _option(text: str) -> tuple[str, object]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa compress`` on the top-level CLI's subparsers."""
-    import masa.compress  # noqa: F401 (registers every method)
+    from masa.compress.registry import METHOD_NAMES
 
     parser = subparsers.add_parser(
         "compress",
@@ -44,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="saved model directory (masa or Hugging Face)")
-    parser.add_argument("--method", required=True, choices=available_methods(), help="compression method")
+    parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="compression method")
     parser.add_argument("--ratio", required=True, type=float, metavar="R", help="compression ratio in (0, 1)")
     parser.add_argument(
         "--targets",
@@ -88,7 +83,9 @@ def run(args: argparse.Namespace) -> None:
     """Compress as the parsed ``masa compress`` arguments say, save, and report."""
     from tqdm import tqdm
 
+    from masa.compress import CompressConfig, compress, get_method
     from masa.data.tokenizer import load_tokenizer
+    from masa.io import load, save
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
