@@ -1,5 +1,7 @@
 """End-to-end runs of the `masa` command line on tiny models."""
 
+import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -42,6 +44,33 @@ def test_every_subcommand_has_help(capsys):
     assert len(COMMANDS) >= 5
 
 
+def test_listed_help_is_each_modules_own():
+    for name, (module, help_text) in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        importlib.import_module(module).add_parser(parser.add_subparsers())
+        assert " ".join(help_text.split()) in " ".join(parser.format_help().split()), name
+
+
+HEAVY = ("torch", "transformers", "matplotlib", "numpy", "tqdm", "safetensors.torch")
+
+
+def test_help_and_info_do_not_import_heavy_modules(native_dir):
+    script = (
+        "import sys\n"
+        "from masa.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "after_help = [m for m in HEAVY if m in sys.modules]\n"
+        "assert main(['info', sys.argv[1]]) == 0\n"
+        "print(json.dumps([after_help, [m for m in HEAVY if m in sys.modules]]))\n"
+    )
+    prelude = f"import json\nHEAVY = {HEAVY!r}\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + script, str(native_dir)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [[], []]
+
+
 def test_info_reports_variant_atoms_and_ratio(native_dir, capsys):
     assert main(["info", str(native_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -72,6 +101,21 @@ def test_sample_is_seeded_and_decodes(native_dir, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out == first
     assert first.startswith("to be")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-new-tokens", "0", "is not a positive integer"),
+        ("--temperature", "-0.5", "is not a finite number >= 0"),
+        ("--temperature", "nan", "is not a finite number >= 0"),
+        ("--temperature", "inf", "is not a finite number >= 0"),
+    ],
+)
+def test_sample_refuses_bad_numbers(native_dir, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", str(native_dir), "--prompt", "to be", flag, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

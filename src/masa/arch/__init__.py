@@ -1,19 +1,38 @@
-"""Architecture families: where each family keeps its blocks and projections."""
+"""Architecture families: where each family keeps its blocks and projections.
 
-from masa.arch.adapters import (
-    ADAPTERS,
-    ATTENTION_ROLES,
-    MLP_ROLES,
-    Adapter,
-    find_blocks,
-    get_adapter,
-    linear_weight,
-    model_type,
-    resolve_role,
-    set_submodule,
-    supported_families,
-    unfuse_qkv,
+The table (``ADAPTERS``, the role names, ``Adapter``) is plain data and imported here; the functions that
+walk a model (``masa.arch.adapters``, which imports torch) are imported on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter
+
+_ADAPTER_FUNCTIONS = (
+    "find_blocks",
+    "get_adapter",
+    "linear_weight",
+    "model_type",
+    "resolve_role",
+    "set_submodule",
+    "supported_families",
+    "unfuse_qkv",
 )
+
+if TYPE_CHECKING:
+    from masa.arch.adapters import (
+        find_blocks,
+        get_adapter,
+        linear_weight,
+        model_type,
+        resolve_role,
+        set_submodule,
+        supported_families,
+        unfuse_qkv,
+    )
 
 __all__ = [
     "ADAPTERS",
@@ -29,3 +48,16 @@ __all__ = [
     "supported_families",
     "unfuse_qkv",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import ``masa.arch.adapters`` on first access to one of its functions."""
+    if name not in _ADAPTER_FUNCTIONS:
+        raise AttributeError(f"module 'masa.arch' has no attribute {name!r}")
+    value = getattr(importlib.import_module("masa.arch.adapters"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ADAPTER_FUNCTIONS})

@@ -5,12 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from masa.commands.info import describe
-from masa.commands.sample import sample_text
-from masa.train.command import resolve_config_path
-from masa.train.config import TrainRunConfig
-from masa.train.trainer import train
-
 # (label, overrides): same data, schedule and seed; only the attention differs.
 VARIANTS = (
     ("dense", ["model.attention=dense"]),
@@ -22,6 +16,12 @@ def run_demo(
     out: str = "runs/demo", steps: int | None = None, n_layer: int = 6, prompt: str = "KING HENRY:"
 ) -> list[dict]:
     """Train each variant of the ``demo`` preset, print a comparison table and samples; returns the rows."""
+    from masa.commands.info import describe
+    from masa.commands.sample import sample_text
+    from masa.train.command import resolve_config_path
+    from masa.train.config import TrainRunConfig
+    from masa.train.trainer import train
+
     rows = []
     for label, overrides in VARIANTS:
         sets = [*overrides, f"model.n_layer={n_layer}", f"train.out_dir={Path(out) / label}"]

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
-
-from masa.data.tokenizer import decode, encode, load_tokenizer
-from masa.io import load
-from masa.model.generate import generate
+import math
 
 
 def sample_text(
@@ -20,6 +15,12 @@ def sample_text(
     seed: int = 0,
 ) -> str:
     """Continue ``prompt`` with the model saved in ``directory``; returns prompt + continuation."""
+    import torch
+
+    from masa.data.tokenizer import decode, encode, load_tokenizer
+    from masa.io import load
+    from masa.model.generate import generate
+
     model = load(directory)
     tok = load_tokenizer(directory)
     ids = encode(tok, prompt)
@@ -34,6 +35,22 @@ def sample_text(
         generator=torch.Generator().manual_seed(seed),
     )  # (1, T + new)
     return decode(tok, out[0].tolist())
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (give 1 or more)")
+    return number
+
+
+def temperature(text: str) -> float:
+    """argparse type: a finite softmax temperature >= 0 (0 = greedy)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0 (0 samples greedily)")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,11 +70,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("directory", help="model directory")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument(
-        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
+        "--temperature", type=temperature, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
     )
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    p.add_argument("--num-samples", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="number of samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)

@@ -8,11 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from masa.compress.api import compress
-from masa.compress.config import CompressConfig
-from masa.compress.registry import METHOD_NAMES, get_method
-from masa.io import load, save
-
 DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
 
 
@@ -32,6 +27,8 @@ def _option(text: str) -> tuple[str, object]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa compress`` on the top-level CLI's subparsers."""
+    from masa.compress.registry import METHOD_NAMES
+
     parser = subparsers.add_parser(
         "compress",
         help="compress a saved model without training (svd, asvd, svd-llm, masa ...)",
@@ -86,7 +83,9 @@ def run(args: argparse.Namespace) -> None:
     """Compress as the parsed ``masa compress`` arguments say, save, and report."""
     from tqdm import tqdm
 
+    from masa.compress import CompressConfig, compress, get_method
     from masa.data.tokenizer import load_tokenizer
+    from masa.io import load, save
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -8,14 +8,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from masa.data.tokenizer import encode, load_tokenizer, tokenizer_hash, vocab_size
-from masa.eval.datasets import EVAL_SETS, load_eval_text
-from masa.eval.fidelity import fidelity
-from masa.eval.perplexity import PROTOCOLS, perplexity
-from masa.io import load
-
 DEFAULT_DATA = "wikitext2-test"
 
 
@@ -29,6 +21,9 @@ def _positive_int(value: str) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa eval`` on the top-level CLI's subparsers."""
+    from masa.eval.datasets import EVAL_SETS
+    from masa.eval.perplexity import PROTOCOLS
+
     parser = subparsers.add_parser(
         "eval",
         help="perplexity of a saved model (and fidelity to a reference model)",
@@ -81,6 +76,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate as the parsed ``masa eval`` arguments say: a text report, a JSON report, or both."""
+    import torch
+
+    from masa.data.tokenizer import encode, load_tokenizer, tokenizer_hash, vocab_size
+    from masa.eval.datasets import load_eval_text
+    from masa.eval.fidelity import fidelity
+    from masa.eval.perplexity import perplexity
+    from masa.io import load
+
     names = args.data or [DEFAULT_DATA]
     texts = {name: load_eval_text(name) for name in names}  # fail on a bad name before loading models
     model = load(args.model).to(args.device)
