@@ -155,10 +155,11 @@ def recover_leftovers(directory: str | os.PathLike) -> list[Path]:
         source = olds[-1] / "x" if (olds[-1] / "x").is_dir() else olds[-1]  # older masa nested it in x/
         os.rename(source, directory)
         log.warning("warning: put back %s from %s, left by a save that was killed", directory, olds[-1].name)
-    for path in stale:
+    removed = [p for p in stale if os.path.lexists(p)]
+    for path in removed:
         _remove(path)
-    if stale:
-        log.warning("warning: removed %d leftover(s) of killed saves to %s", len(stale), directory)
+    if removed:
+        log.warning("warning: removed %d leftover(s) of killed saves to %s", len(removed), directory)
     return stale
 
 
@@ -206,6 +207,8 @@ def seal(tree: str | os.PathLike) -> None:
     tree = Path(tree)
     file_mode = tree.stat().st_mode & 0o666
     for path in (*sorted(tree.rglob("*"), reverse=True), tree):  # contents before their folders
+        if path.is_symlink():
+            continue
         if path.is_file():
             os.chmod(path, file_mode)
         fsync_path(path)

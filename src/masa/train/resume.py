@@ -48,37 +48,35 @@ def data_fingerprint(tokenizer_hash: str, train: np.ndarray, valid: np.ndarray) 
     }
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings of `current` that differ from `saved` and may not change on resume, in words."""
-    changes = []
-    for section in ("model", "data", "train"):
-        before, now = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(before) | set(now)):
-            if key in MAY_CHANGE.get(section, ()) or before.get(key) == now.get(key):
-                continue
-            changes.append(f"{section}.{key} is {now.get(key)!r} here but was {before.get(key)!r}")
-    return changes
+def _differences(section: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys of one section that both configs have and that differ, in words (new keys are not compared)."""
+    return [
+        f"{section}.{key} is {current[key]!r} here but was {saved[key]!r}"
+        for key in sorted(set(saved) & set(current))
+        if key not in MAY_CHANGE.get(section, ()) and saved[key] != current[key]
+    ]
 
 
 def check_resumable(
     checkpoint: Checkpoint, config: dict[str, Any], model_config: dict[str, Any], fingerprint: dict[str, Any]
 ) -> None:
-    """Raise ConfigError naming every setting of this run that differs from the checkpoint's run."""
+    """Raise ConfigError naming every setting of this run that differs from the checkpoint's run.
+
+    `config` is the run's `TrainRunConfig.to_dict()`, `model_config` the full model configuration (with the
+    tokenizer's vocabulary size), `fingerprint` the `data_fingerprint` of the tokenised text.
+    """
     state = checkpoint.state
-    changes = config_differences(state.get("config", {}), config)
-    if not changes and state.get("model_config", model_config) != model_config:
-        changes.append("the model built from [model] and the tokenizer differs")
+    changes = _differences("model", state.get("model_config", {}), model_config)
+    for section in ("data", "train"):
+        changes += _differences(section, state.get("config", {}).get(section, {}), config[section])
     saved = state.get("data")  # absent in checkpoints written before fingerprints
-    if saved is not None and saved != fingerprint:
-        if saved["tokenizer"] != fingerprint["tokenizer"]:
-            changes.append("the tokenizer differs (the training text or data.tokenizer/vocab_size changed)")
-        if {k: v for k, v in saved.items() if k != "tokenizer"} != {
-            k: v for k, v in fingerprint.items() if k != "tokenizer"
-        }:
-            changes.append(
-                f"the text differs ({fingerprint['train_tokens']:,} training tokens here, "
-                f"{saved['train_tokens']:,} in the checkpoint, or other content)"
-            )
+    if saved is not None and saved["tokenizer"] != fingerprint["tokenizer"]:
+        changes.append("the tokenizer differs (the training text or the tokenizer settings changed)")
+    if saved is not None and any(saved[k] != fingerprint[k] for k in saved if k != "tokenizer"):
+        changes.append(
+            f"the text differs ({fingerprint['train_tokens']:,} training tokens here, "
+            f"{saved['train_tokens']:,} in the checkpoint, or other content)"
+        )
     if changes:
         allowed = ", ".join(f"train.{k}" for k in sorted(MAY_CHANGE["train"]))
         raise ConfigError(
