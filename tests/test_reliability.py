@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,15 @@ def test_train_refuses_an_out_dir_holding_a_run(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_000003"]
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_without_checkpoints_keeps_the_final_model(tmp_path):
+    raw = tiny_raw(tmp_path)
+    train(TrainRunConfig.from_dict(raw))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as `masa bench` does once a run is scored
+    with pytest.raises(FileExistsError, match="holds a final model but no checkpoint to resume from"):
+        train(TrainRunConfig.from_dict(raw), resume=True)
+    masa.load(tmp_path / "run" / "final")
 
 
 def test_train_out_is_a_file(tmp_path, capsys):

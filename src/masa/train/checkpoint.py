@@ -5,7 +5,9 @@ tensors and plain containers, read back with `weights_only=True`) and `state.jso
 It is written into a temporary folder beside its final place, fsynced, renamed into place, and only
 then does `latest` move to it (`os.replace`), so a crash at any point leaves the previous checkpoint
 whole and `latest` pointing at it. The learning rate and the random streams are pure functions of the
-step (see the trainer), so nothing else needs saving.
+step (see the trainer), so nothing else needs saving. A checkpoint that cannot be read (a truncated
+file) raises `CheckpointError` naming the file; `checkpoint_candidates` lists the older ones to fall
+back to.
 """
 
 from __future__ import annotations

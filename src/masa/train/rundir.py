@@ -42,6 +42,9 @@ def describe_run(out_dir: Path) -> str | None:
 def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Make `out_dir` ready for a run: refuse a file or an existing run unless resuming or overwriting.
 
+    Resuming a run whose checkpoints are gone but whose final model is there is refused too: it would
+    start from scratch and replace that model.
+
     With `overwrite`, the old run's checkpoints, log and summary go now; its final model stays until the
     new one replaces it.
     """
@@ -54,6 +57,11 @@ def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out_dir} already holds a training run ({held}): pass --resume to continue it, --overwrite "
             "to start it again (deleting its checkpoints and log), or choose another --out"
+        )
+    if resume and (out_dir / FINAL_DIR).exists() and not checkpoint_candidates(out_dir / CHECKPOINT_DIR):
+        raise FileExistsError(
+            f"{out_dir} holds a final model but no checkpoint to resume from: pass --overwrite to train "
+            "again (replacing that model), or choose another --out"
         )
     if held and overwrite:
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
