@@ -160,14 +160,14 @@ def test_train_end_to_end_loss_decreases_and_saves(tmp_path):
 def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, monkeypatch):
     full = train(TrainRunConfig.from_dict(tiny_raw(tmp_path, out_dir=str(tmp_path / "full"))))
     raw = tiny_raw(tmp_path, out_dir=str(tmp_path / "cut"), checkpoint_every=4)
-    real_append = trainer._append
+    real_append = trainer.append_metrics
 
     def append_then_die(path, record):
         real_append(path, record)
         if record["step"] == 6:  # two steps past the checkpoint of step 4
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(trainer, "_append", append_then_die)
+    monkeypatch.setattr(trainer, "append_metrics", append_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(TrainRunConfig.from_dict(raw))
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Uniform access to models of different origins (native `MasaLM`, Hugging Face transformers)."""
+"""Uniform access to models of different origins (native `MasaLM`, Hugging Face transformers) and devices."""
 
 from __future__ import annotations
 
@@ -24,3 +24,31 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device a user asked for ("auto", "cpu", "cuda", "cuda:1", "mps"), checked to be usable.
+
+    "auto" picks CUDA when a GPU is visible, else the CPU. Raises ValueError saying what is missing (no
+    CUDA in this torch build, no visible GPU, too few GPUs) and what to pass instead.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(
+                f"device {name!r}: there is no CUDA in this torch build ({torch.__version__}); run on the "
+                "cpu device instead, or install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
+            )
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {name!r}: torch has CUDA but sees no GPU here; run on the cpu device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available in this torch build or on this machine")
+    return device

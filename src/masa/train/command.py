@@ -15,6 +15,7 @@ _EPILOG = """examples:
   masa train my.toml --set train.max_steps=20 --set train.device=cpu
   torchrun --nproc_per_node 2 -m masa.cli train demo    data-parallel on two processes
   masa train demo --resume                         continue from OUT/checkpoints/latest
+  masa train demo --overwrite                      start the run in OUT again
 """
 
 
@@ -47,7 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", metavar="CONFIG", help=f"TOML file or preset name ({', '.join(presets())})")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    protect = parser.add_mutually_exclusive_group()
+    protect.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    protect.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUT that holds a run (its checkpoints and log are deleted)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -56,7 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML syntax, bare words are strings); repeatable",
     )
-    parser.add_argument("--out", metavar="DIR", help="output folder (overrides train.out_dir)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="output folder (overrides train.out_dir); refused if it holds a run"
+    )
     parser.set_defaults(func=run)
 
 
@@ -69,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"train.out_dir={json.dumps(args.out)}")
     config = TrainRunConfig.from_toml(resolve_config_path(args.config), overrides)
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from masa.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,14 +35,9 @@ class DistEnv:
 
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {preference!r} requested but CUDA is not available: use device='cpu'")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)  # torchrun: one GPU per local process
+    device = resolve_device(preference)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # torchrun: one GPU per local process
     return device
 
 

@@ -4,11 +4,12 @@ Every step is a pure function of (config, step, rank) and the weights and optimi
 comes from `WindowSampler`, the learning rate from `lr_at`, and the random stream (dropout, if any) is
 re-seeded from (seed, step, rank). A run resumed from a checkpoint therefore repeats an uninterrupted
 run exactly. Under torchrun the model is wrapped in DDP and only rank 0 logs and writes files.
+Rank 0 holds an exclusive lock on the run directory for the whole run (see `masa.io.lock`).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import resource
 import time
@@ -21,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import masa
 from masa.data.corpus import (
@@ -33,20 +33,30 @@ from masa.data.corpus import (
     load_splits,
     resolve_files,
 )
-from masa.data.tokenizer import train_tokenizer, vocab_size
+from masa.data.tokenizer import tokenizer_hash, train_tokenizer, vocab_size
+from masa.io import write_json
+from masa.io.lock import directory_lock
 from masa.model import MasaLM
 from masa.runtime import forward_logits
-from masa.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from masa.train.checkpoint import save_checkpoint
 from masa.train.config import ConfigError, DataConfig, TrainConfig, TrainRunConfig
 from masa.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from masa.train.progress import Progress
+from masa.train.resume import check_resumable, data_fingerprint, load_resume_point
+from masa.train.rundir import (
+    CHECKPOINT_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    append_metrics,
+    prepare_run_dir,
+    restart_metrics,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger(__name__)
 _NO_DECAY_PARTS = ("coefficient", "generator")  # MASA coefficients and the MLP producing them
 
 
@@ -100,6 +110,17 @@ def prepare_data(cfg: DataConfig, env: DistEnv) -> tuple[Tokenizer, TokenSplits]
     return tok, splits
 
 
+def check_validation_length(tokens: np.ndarray, seq_len: int, batch_size: int) -> None:
+    """Refuse, before any training, held-out text too short for one evaluation batch."""
+    need = batch_size * seq_len + 1
+    if len(tokens) < need:
+        raise ConfigError(
+            f"the validation text is too short: one batch of {batch_size} windows of {seq_len}+1 tokens needs "
+            f"{need} tokens, there are {len(tokens)}: raise data.valid_fraction, add data.valid_files, or "
+            "lower data.seq_len or train.batch_size"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, env: DistEnv
@@ -119,28 +140,17 @@ def evaluate(
     return loss_sum / count
 
 
-def _restart_log(path: Path, last_step: int) -> None:
-    """Keep only the records of steps <= last_step (those of a killed run past its checkpoint go)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def train(config: TrainRunConfig, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainRunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train a MasaLM as configured; returns the run summary (also written to out_dir/summary.json).
 
-    With `resume`, continue from the checkpoint `out_dir/checkpoints/latest` points to (a fresh start
-    when there is none). Run it under torchrun for data parallelism.
+    An out_dir that already holds a run is refused unless `resume` (continue from the newest readable
+    checkpoint; a fresh start when there is none) or `overwrite` (start again). Another process
+    training into the same out_dir is refused. Run it under torchrun for data parallelism.
     """
     env = init_distributed(config.train.device)
     try:
-        return _train(config, env, resume)
+        with directory_lock(config.train.out_dir) if env.is_main else nullcontext():
+            return _train(config, env, resume, overwrite)
     finally:
         shutdown(env)
 
@@ -173,46 +183,47 @@ def _train_step(
     return all_reduce_sum(env, loss_sum / tc.grad_accum).item() / env.world_size
 
 
-def _train(config: TrainRunConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
+def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) -> dict[str, Any]:
     tc, seq_len = config.train, config.data.seq_len
     out_dir = Path(tc.out_dir)
     ckpt_dir, log_path = out_dir / CHECKPOINT_DIR, out_dir / METRICS_FILE
+    if env.is_main:
+        prepare_run_dir(out_dir, resume, overwrite)
     tok, splits = prepare_data(config.data, env)
     sampler = WindowSampler(splits.train, seq_len, tc.batch_size, tc.grad_accum, env.world_size, tc.seed)
+    check_validation_length(splits.valid, seq_len, tc.batch_size)
     total = tc.max_steps or math.ceil(tc.token_budget / sampler.tokens_per_step)
 
     torch.manual_seed(tc.seed)
     model_config = config.model_config(vocab_size(tok))
     model = MasaLM(model_config).to(env.device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    fingerprint = data_fingerprint(tokenizer_hash(tok), splits.train, splits.valid)
     start, elapsed_before = 0, 0.0
-    checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    checkpoint, skipped = load_resume_point(ckpt_dir, env.device) if resume else (None, [])
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, env.device)
-        if state["model_config"] != model_config.to_dict():
-            raise ConfigError(
-                f"{checkpoint} was trained with another [model]: resume with its config or a new out_dir"
-            )
-        start, elapsed_before = state["step"], state["elapsed_s"]
+        check_resumable(checkpoint, config.to_dict(), model_config.to_dict(), fingerprint)
+        for warning in skipped if env.is_main else []:
+            log.warning(warning)
+        model.load_state_dict(checkpoint.weights)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        start, elapsed_before = checkpoint.state["step"], checkpoint.state["elapsed_s"]
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _restart_log(log_path, start)  # a fresh run (start 0) starts a fresh log
+        restart_metrics(log_path, start)  # a fresh run (start 0) starts a fresh log
     ddp = DistributedDataParallel(model) if env.active else model
 
     record: dict[str, Any] = {}
     val_loss = None
     t0 = time.perf_counter()
-    bar = tqdm(
-        range(start, total), initial=start, total=total, disable=not env.is_main, desc="train", unit="step"
-    )
-    for step in bar:
+    progress = Progress(total, start, desc="train", enabled=env.is_main)
+    for step in range(start, total):
         lr = lr_at(step, total, tc.lr, tc.min_lr, tc.warmup_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loss = _train_step(ddp, optimizer, sampler, step, tc, env)
         done, now = step + 1, time.perf_counter() - t0
         tokens_per_s = (done - start) * sampler.tokens_per_step / now
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        progress.update(done, loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         evaluating = done % tc.eval_every == 0 or done == total
         if evaluating:
             val_loss = evaluate(model, splits.valid, seq_len, tc.batch_size, tc.eval_batches, env)
@@ -230,16 +241,17 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool) -> dict[str, Any]
             if evaluating:
                 record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
             if env.is_main:
-                _append(log_path, record)
+                append_metrics(log_path, record)
         if env.is_main and ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total):
             state = {
                 "tokens": done * sampler.tokens_per_step,
                 "elapsed_s": elapsed_before + now,
                 "config": config.to_dict(),
                 "model_config": model_config.to_dict(),
+                "data": fingerprint,
             }
             save_checkpoint(ckpt_dir, done, model, optimizer, state, tc.keep_checkpoints)
-    bar.close()
+    progress.close()
     wall = time.perf_counter() - t0
     if val_loss is None:  # resumed a finished run: nothing trained, score it anyway
         val_loss = evaluate(model, splits.valid, seq_len, tc.batch_size, tc.eval_batches, env)
@@ -265,6 +277,6 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool) -> dict[str, Any]
     if env.is_main:
         masa.collapse_generators(model)  # keep only the coefficients the generator produced (paper, 2.1)
         masa.save(model, out_dir / FINAL_DIR, tokenizer=tok, info={"training": summary}, overwrite=True)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        write_json(out_dir / SUMMARY_FILE, summary)
     barrier(env)
     return summary
