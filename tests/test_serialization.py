@@ -54,7 +54,7 @@ def test_plain_model_and_tokenizer_files(tmp_path, ids):
     masa.save(model, tmp_path / "m", tokenizer=tok)
     assert (tmp_path / "m" / "tokenizer.json").exists()
     torch.testing.assert_close(outputs(masa.load(tmp_path / "m"), ids), outputs(model, ids))
-    masa.save(model, tmp_path / "copy", tokenizer_from=tmp_path / "m")
+    masa.save(model, tmp_path / "copy", files_from=tmp_path / "m")
     assert (tmp_path / "copy" / "tokenizer.json").exists()
 
 
@@ -153,15 +153,12 @@ def test_save_copies_companion_files_from_the_source(tmp_path, ids):
         [*COMPANIONS, "tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"]
     )
     masa.save(model, tmp_path / "a", files_from=source)
-    masa.save(model, tmp_path / "b", tokenizer_from=source)  # the former name keeps working
-    for out in (tmp_path / "a", tmp_path / "b"):
-        assert sorted(p.name for p in out.iterdir()) == expected
-        assert (out / "LICENSE").read_text() == "source LICENSE"
-        torch.testing.assert_close(outputs(masa.load(out), ids), outputs(model, ids), atol=0, rtol=0)
+    out = tmp_path / "a"
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert (out / "LICENSE").read_text() == "source LICENSE"
+    torch.testing.assert_close(outputs(masa.load(out), ids), outputs(model, ids), atol=0, rtol=0)
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     masa.save(model, tmp_path / "c", tokenizer=tok, files_from=source)  # the given tokenizer wins
     assert not (tmp_path / "c" / "tokenizer_config.json").exists()
     assert Tokenizer.from_file(str(tmp_path / "c" / "tokenizer.json")).get_vocab() == tok.get_vocab()
     assert (tmp_path / "c" / "chat_template.jinja").exists()
-    with pytest.raises(ValueError, match="differ: pass only files_from"):
-        masa.save(model, tmp_path / "d", files_from=source, tokenizer_from=tmp_path)

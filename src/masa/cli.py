@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, OSError) as err:  # OSError: missing files, locks, full disks
         print(f"masa {args.command}: error: {err}", file=sys.stderr)
         return 2
 

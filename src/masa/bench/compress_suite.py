@@ -116,7 +116,7 @@ def train_base(preset: str) -> Path:
     from masa.train.config import TrainRunConfig
     from masa.train.trainer import train
 
-    return Path(train(TrainRunConfig.from_toml(resolve_config_path(preset)))["model_dir"])
+    return Path(train(TrainRunConfig.from_toml(resolve_config_path(preset)), overwrite=True)["model_dir"])
 
 
 def load_base(directory: Path) -> tuple[nn.Module, int]:
@@ -132,7 +132,7 @@ def load_base(directory: Path) -> tuple[nn.Module, int]:
 def convert(source: str | Path, out: str | Path) -> Path:
     """Save the model at ``source`` as a Llama-layout directory ``out`` (tokenizer copied)."""
     model, _ = load_base(Path(source))
-    return masa.save(model, out, tokenizer_from=source, info={"converted_from": str(source)})
+    return masa.save(model, out, files_from=source, info={"converted_from": str(source)})
 
 
 # --------------------------------------------------------------------------------------------- runs

@@ -166,7 +166,7 @@ def score_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
     """Train one run, then count its parameters and score it; returns its record (without labels)."""
     if bench.cpu_threads:
         torch.set_num_threads(bench.cpu_threads)
-    summary = train(config)
+    summary = train(config, overwrite=True)
     out_dir, model_dir = Path(summary["out_dir"]), Path(summary["model_dir"])
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)  # the final model stays in model_dir
     model = masa.load(model_dir, device=_device(config.train.device))

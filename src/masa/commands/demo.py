@@ -29,7 +29,7 @@ def run_demo(
             sets.append(f"train.max_steps={steps}")
         config = TrainRunConfig.from_toml(resolve_config_path("demo"), sets)
         print(f"\n== training {label} ({n_layer} blocks, {config.train.max_steps} steps)")
-        summary = train(config)
+        summary = train(config, overwrite=True)
         info = describe(summary["model_dir"])
         rows.append({"variant": label, **summary, **info, "seq_len": config.data.seq_len})
     print("\n" + format_table(rows))

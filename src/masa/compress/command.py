@@ -81,15 +81,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Compress as the parsed ``masa compress`` arguments say, save, and report."""
+    from masa.io.lock import directory_lock
+
+    out = Path(args.out)
+    with directory_lock(out):  # a second compress to the same --out is refused, naming this one
+        _check_out(out, args.overwrite)
+        report, result = _compress(args, out)
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return
+    print(result)
+    reused = (
+        " (calibration statistics reused from the cache)" if (result.calibration or {}).get("reused") else ""
+    )
+    print(f"  saved {out} ({report['file_bytes'] / 2**20:.2f} MiB of weights){reused}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty --out (or a file) unless --overwrite; an empty directory is fine."""
+    if out.is_file():
+        raise FileExistsError(f"--out {out} is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
+def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
+    """Load, compress and save; returns the JSON report and the ``CompressResult``."""
     from tqdm import tqdm
 
     from masa.compress import CompressConfig, compress, get_method
     from masa.data.tokenizer import load_tokenizer
     from masa.io import load, save
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     config = CompressConfig(
         args.method, args.ratio, tuple(args.targets), tuple(args.exclude), args.calib_samples, args.calib_len,
         args.seed, dict(args.option),
@@ -114,7 +140,12 @@ def run(args: argparse.Namespace) -> None:
         ),
     )
     start = time.perf_counter()
-    save(model, out, tokenizer_from=args.model, info=result.info, overwrite=args.overwrite)
+    try:
+        save(model, out, files_from=args.model, info=result.info, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise FileExistsError(
+            f"{out} appeared while compressing; choose another --out or pass --overwrite"
+        ) from err
     result.seconds = {"load": load_seconds, **result.seconds, "save": time.perf_counter() - start}
     report = {
         **result.as_dict(),
@@ -122,14 +153,7 @@ def run(args: argparse.Namespace) -> None:
         "out": str(out),
         "file_bytes": _weights_bytes(out),
     }
-    if quiet:
-        json.dump(report, sys.stdout, indent=2)
-        print()
-        return
-    print(result)
-    print(f"  saved {out} ({report['file_bytes'] / 2**20:.2f} MiB of weights)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report, result
 
 
 def _weights_bytes(directory: Path) -> int:

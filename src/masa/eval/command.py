@@ -83,11 +83,13 @@ def run(args: argparse.Namespace) -> None:
     from masa.eval.fidelity import fidelity
     from masa.eval.perplexity import perplexity
     from masa.io import load
+    from masa.runtime import resolve_device
 
     names = args.data or [DEFAULT_DATA]
     texts = {name: load_eval_text(name) for name in names}  # fail on a bad name before loading models
-    model = load(args.model).to(args.device)
-    reference = load(args.reference).to(args.device) if args.reference else None
+    device = resolve_device(args.device)
+    model = load(args.model).to(device)
+    reference = load(args.reference).to(device) if args.reference else None
     tokenizer = load_tokenizer(args.model)
     quiet = args.json == "-"
     report = {

@@ -143,7 +143,6 @@ def save(
     *,
     tokenizer=None,
     files_from: str | os.PathLike | None = None,
-    tokenizer_from: str | os.PathLike | None = None,
     info: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -153,18 +152,14 @@ def save(
         tokenizer: a ``tokenizers.Tokenizer`` or a transformers tokenizer to save alongside.
         files_from: the source model directory: its tokenizer files (unless ``tokenizer`` is given),
             generation config, chat template, licence, notice and model card are copied.
-        tokenizer_from: the former name of ``files_from``, still accepted.
         info: extra fields for the ``masa`` block of config.json (method, ratio, calibration ...).
-        overwrite: replace an existing directory (only once the new one is completely written).
+        overwrite: replace an existing directory (only once the new one is completely written); an
+            existing empty directory is used without it.
     """
     from masa import __version__
     from masa.accounting import count
 
-    if files_from is not None and tokenizer_from is not None and Path(files_from) != Path(tokenizer_from):
-        raise ValueError(
-            f"files_from={files_from} and tokenizer_from={tokenizer_from} differ: pass only files_from"
-        )
-    source = files_from if files_from is not None else tokenizer_from
+    source = files_from
     config = model_config_dict(model)
     block = {"format_version": FORMAT_VERSION, "version": __version__, **(info or {})}
     block["surgery"] = surgery.operations(model)
