@@ -116,13 +116,10 @@ def test_stats_round_trip_and_cache(tokens, tmp_path):
 
 
 def test_unsupported_architecture_calibrates_with_whole_forward(tokens):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    model = GPTNeoXForCausalLM(config).eval()
-    names = ["gpt_neox.layers.0.attention.dense", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    names = ["transformer.h.0.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h"]
     stats = calibrate(model, tokens, names)
     x = _direct_inputs(model, names, tokens)[names[1]]
     assert not stats.streamed and stats.block_kl is None
