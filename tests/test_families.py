@@ -19,7 +19,7 @@ from tiny_models import ALL_FAMILIES, build, make_low_rank, outputs
 import masa
 from masa import surgery
 from masa.arch import find_blocks, get_adapter, linear_weight, unfuse
-from masa.compress import CompressConfig, available_methods, compress
+from masa.compress import CompressConfig, available_methods, calibrate, compress
 from masa.nn import SplitLinear
 
 N_LAYER = 2
@@ -121,6 +121,23 @@ def test_full_rank_sharing_is_exact(family, tokens):
 
 
 # ---------------------------------------------------------------------------------- compression
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="TODO(integrator): calibration replays block 0's keyword arguments (attention mask, rotary "
+    "tables) for every block, but Gemma-2/3 alternate sliding-window and global layers",
+)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_calibration_gives_each_block_its_own_mask(family, tokens):
+    model = build(family, n_layer=N_LAYER)  # sliding window 8 < 16 tokens: the layer types differ
+    name = "model.layers.1.self_attn.o_proj"  # a global layer: its input depends on its mask
+    inputs = []
+    model.get_submodule(name).register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    outputs(model, tokens)
+    x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()  # (N T, d)
+    torch.testing.assert_close(calibrate(model, tokens, [name]).grams[name], x.T @ x)
 
 
 RELOAD = """
