@@ -43,7 +43,7 @@ def get_adapter(model: nn.Module) -> Adapter:
     what = f"{type(model).__name__} (model_type {mtype!r})"
     problem = f"{what} is {kind}" if kind else f"no adapter for {what}"
     raise ValueError(
-        f"{problem}. Supported: {supported_families()}. For another architecture name the layers "
+        f"{problem}. Supported: {supported_families()}. To use masa on it anyway, name the layers "
         "explicitly: masa compress --targets PATTERN ... (module-name suffixes or regexes, e.g. "
         "'self_attn.q_proj'), or share(model, blocks='model.layers', targets=['self_attn.q_proj', "
         "'self_attn.k_proj'])"
