@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build
 
-from masa.arch import find_blocks, get_adapter, unfuse_qkv
+from masa.arch import find_blocks, get_adapter, unfuse
 from masa.compress.api import calibration_tokens, resolve_targets
 from masa.compress.calibration import (
     cached_calibrate,
@@ -116,13 +116,10 @@ def test_stats_round_trip_and_cache(tokens, tmp_path):
 
 
 def test_unsupported_architecture_calibrates_with_whole_forward(tokens):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    model = GPTNeoXForCausalLM(config).eval()
-    names = ["gpt_neox.layers.0.attention.dense", "gpt_neox.layers.1.mlp.dense_4h_to_h"]
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    names = ["transformer.h.0.self_attention.dense", "transformer.h.1.mlp.dense_4h_to_h"]
     stats = calibrate(model, tokens, names)
     x = _direct_inputs(model, names, tokens)[names[1]]
     assert not stats.streamed and stats.block_kl is None
@@ -171,4 +168,4 @@ def test_whitened_lowrank_is_exact_at_full_rank_and_optimal():
 def test_unfused_gpt2_targets_are_linears():
     model = build("gpt2", n_layer=1)
     names = _targets(model)
-    assert "transformer.h.0.attn.c_attn.q_proj" in names and not unfuse_qkv(model)
+    assert "transformer.h.0.attn.c_attn.q_proj" in names and not unfuse(model)

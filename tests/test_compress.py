@@ -122,15 +122,12 @@ def test_non_pd_gram_is_an_error_naming_the_layer(tokens):
 
 
 def test_unsupported_architecture_needs_explicit_targets(tokens):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    config = GPTNeoXConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-    )
-    model = GPTNeoXForCausalLM(config).eval()
-    with pytest.raises(ValueError, match="--targets attn needs a known architecture.*gpt_neox"):
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    with pytest.raises(ValueError, match="--targets attn needs a known architecture.*bloom"):
         compress(model, CompressConfig("svd-llm", 0.4), tokens)
-    result = compress(model, CompressConfig("svd-llm", 0.4, targets=["attention.dense"]), tokens)
+    result = compress(model, CompressConfig("svd-llm", 0.4, targets=["self_attention.dense"]), tokens)
     assert abs(result.ratio_reached - 0.4) <= 0.01
 
 

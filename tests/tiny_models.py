@@ -3,71 +3,100 @@
 from __future__ import annotations
 
 import torch
-from transformers import (
-    BertConfig,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+import transformers as tf
 
 from masa.arch import linear_weight
 from masa.compress.whitening import whitened_error
 
 VOCAB = 64
+_HEADS = dict(vocab_size=VOCAB, num_attention_heads=4)  # hidden 32: head_dim 8
+_DECODER = dict(hidden_size=32, intermediate_size=64, **_HEADS)
+_GEMMA = dict(head_dim=8, num_key_value_heads=2, **_DECODER)
+_ENCODER = dict(hidden_size=32, intermediate_size=64, max_position_embeddings=64, **_HEADS)
+_LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
+
+# family -> n_layer -> (model class, config); K/V heads grouped where the family allows
+_BUILDERS = {
+    "llama": lambda n: (
+        tf.LlamaForCausalLM, tf.LlamaConfig(num_key_value_heads=2, num_hidden_layers=n, **_DECODER)
+    ),
+    "llama3": lambda n: (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig(
+            num_key_value_heads=2, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True, num_hidden_layers=n,
+            **_DECODER,
+        ),
+    ),
+    "qwen2": lambda n: (
+        tf.Qwen2ForCausalLM, tf.Qwen2Config(num_key_value_heads=2, num_hidden_layers=n, **_DECODER)
+    ),
+    "qwen3": lambda n: (
+        tf.Qwen3ForCausalLM,
+        tf.Qwen3Config(head_dim=8, num_key_value_heads=2, num_hidden_layers=n, **_DECODER),
+    ),
+    "mistral": lambda n: (
+        tf.MistralForCausalLM,
+        tf.MistralConfig(num_key_value_heads=1, sliding_window=None, num_hidden_layers=n, **_DECODER),
+    ),
+    "gemma": lambda n: (tf.GemmaForCausalLM, tf.GemmaConfig(num_hidden_layers=n, **_GEMMA)),
+    "gemma2": lambda n: (
+        tf.Gemma2ForCausalLM, tf.Gemma2Config(sliding_window=8, num_hidden_layers=n, **_GEMMA)
+    ),
+    "gemma3": lambda n: (
+        tf.Gemma3ForCausalLM,
+        tf.Gemma3TextConfig(
+            sliding_window=8, layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n)],
+            num_hidden_layers=n, **_GEMMA,
+        ),
+    ),
+    "phi3": lambda n: (
+        tf.Phi3ForCausalLM,
+        tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=0, num_hidden_layers=n, **_DECODER),
+    ),
+    "gpt_neox": lambda n: (
+        tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(max_position_embeddings=64, num_hidden_layers=n, **_DECODER)
+    ),
+    "gpt2": lambda n: (
+        tf.GPT2LMHeadModel,
+        tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=n, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
+    ),
+    "opt": lambda n: (
+        tf.OPTForCausalLM,
+        tf.OPTConfig(
+            hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64,
+            num_hidden_layers=n, **_HEADS,
+        ),
+    ),
+    "bert": lambda n: (tf.BertModel, tf.BertConfig(num_hidden_layers=n, **_ENCODER)),
+    "roberta": lambda n: (tf.RobertaModel, tf.RobertaConfig(num_hidden_layers=n, **_ENCODER)),
+}  # fmt: skip
 
 
 def build(family: str, n_layer: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised tiny model (hidden 32, 4 heads, K/V grouped where the family allows)."""
+    """A randomly initialised tiny model of ``family`` (hidden 32, 4 heads, vocab 64), in eval mode.
+
+    Its config names its class in ``architectures``, as a checkpoint saved by transformers does.
+    """
+    cls, config = _BUILDERS[family](n_layer)
+    config.architectures = [cls.__name__]
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, num_hidden_layers=n_layer, num_attention_heads=4)
-    if family == "llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
-        )
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(
-            Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
-        )
-    elif family == "mistral":
-        model = MistralForCausalLM(
-            MistralConfig(
-                hidden_size=32, intermediate_size=64, num_key_value_heads=1, sliding_window=None, **common
-            )
-        )
-    elif family == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=VOCAB,
-                n_embd=32,
-                n_layer=n_layer,
-                n_head=4,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        )
-    elif family == "opt":
-        model = OPTForCausalLM(
-            OPTConfig(
-                hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64, **common
-            )
-        )
-    elif family == "bert":
-        model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, **common))
-    else:
-        raise KeyError(family)
-    return model.eval()
+    return cls(config).eval()
 
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt", "bert")
+# every supported family: llama3 is Llama with llama3 rope scaling and tied embeddings
+ALL_FAMILIES = (
+    "llama", "llama3", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox", "gpt2",
+    "opt", "bert", "roberta",
+)  # fmt: skip
 
 
 def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from masa.arch import ATTENTION_ROLES, find_blocks, get_adapter
-from masa.nn import SharedLinear
+from masa.nn import SharedLinear, SplitLinear
 
 
 @dataclass
@@ -120,13 +120,13 @@ def count(model: nn.Module) -> ParamCount:
 
 
 def _fused_attention(model: nn.Module, blocks: nn.ModuleList, seen: set[int]) -> int:
-    """Parameters of a still-fused Q/K/V projection (GPT-2 ``c_attn`` before unfusing)."""
-    fused_path = get_adapter(model).fused_qkv
-    if fused_path is None:
-        return 0
+    """Parameters of still-fused projections holding attention roles (GPT-2 ``c_attn`` before unfusing)."""
+    adapter = get_adapter(model)
+    paths = [p for p in adapter.fused if set(adapter.fused_roles(p)) & set(ATTENTION_ROLES)]
     numel = 0
     for block in blocks:
-        module = _walk(block, fused_path)
-        if module is not None and _walk(module, "q_proj") is None:
-            numel += sum(p.numel() for p in module.parameters() if id(p) not in seen)
+        for path in paths:
+            module = _walk(block, path)
+            if module is not None and not isinstance(module, SplitLinear):
+                numel += sum(p.numel() for p in module.parameters() if id(p) not in seen)
     return numel

@@ -1,7 +1,7 @@
 """Architecture families: where each family keeps its blocks and projections.
 
-The table (``ADAPTERS``, the role names, ``Adapter``) is plain data and imported here; the functions that
-walk a model (``masa.arch.adapters``, which imports torch) are imported on first use (PEP 562).
+The table (``ADAPTERS``, the role names, ``Adapter``, ``Fused``) is plain data and imported here; the
+functions that walk a model (``masa.arch.adapters``, which imports torch) are imported on first use.
 """
 
 from __future__ import annotations
@@ -9,29 +9,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter
+from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter, Fused
 
 _ADAPTER_FUNCTIONS = (
     "find_blocks",
+    "fused_parts",
     "get_adapter",
     "linear_weight",
     "model_type",
     "resolve_role",
     "set_submodule",
     "supported_families",
-    "unfuse_qkv",
+    "unfuse",
 )
 
 if TYPE_CHECKING:
     from masa.arch.adapters import (
         find_blocks,
+        fused_parts,
         get_adapter,
         linear_weight,
         model_type,
         resolve_role,
         set_submodule,
         supported_families,
-        unfuse_qkv,
+        unfuse,
     )
 
 __all__ = [
@@ -39,14 +41,16 @@ __all__ = [
     "ATTENTION_ROLES",
     "MLP_ROLES",
     "Adapter",
+    "Fused",
     "find_blocks",
+    "fused_parts",
     "get_adapter",
     "linear_weight",
     "model_type",
     "resolve_role",
     "set_submodule",
     "supported_families",
-    "unfuse_qkv",
+    "unfuse",
 ]
 
 

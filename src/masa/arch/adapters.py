@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter
-from masa.nn.fused import SplitQKV
+from masa import surgery
+from masa.arch.families import ADAPTERS, ATTENTION_ROLES, EXPERT_KEYS, MLP_ROLES, Adapter, Fused
+from masa.nn.fused import SplitLinear
 
 
 def supported_families() -> str:
@@ -19,16 +20,33 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def _unsupported_kind(model: nn.Module) -> str | None:
+    """Why a model no row can serve: a mixture of experts or a multimodal wrapper (None: neither)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if any(getattr(config, key, None) for key in EXPERT_KEYS):
+        return "a mixture-of-experts model (its expert MLPs are not one linear layer per block)"
+    get_text_config = getattr(config, "get_text_config", None)
+    if get_text_config is not None and get_text_config() is not config:
+        return "a multimodal wrapper (its language model is one part among vision/audio towers)"
+    return None
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter row for ``model``; raises with the supported list and the explicit escape hatch."""
     mtype = model_type(model)
+    kind = _unsupported_kind(model)
     for adapter in ADAPTERS:
-        if mtype in adapter.model_types:
+        if mtype in adapter.model_types and kind is None:
             return adapter
+    what = f"{type(model).__name__} (model_type {mtype!r})"
+    problem = f"{what} is {kind}" if kind else f"no adapter for {what}"
     raise ValueError(
-        f"no adapter for model_type {mtype!r} ({type(model).__name__}). Supported: {supported_families()}. "
-        "For another architecture name the blocks and projections explicitly, e.g. "
-        "share(model, blocks='model.layers', targets=['self_attn.q_proj', 'self_attn.k_proj'])"
+        f"{problem}. Supported: {supported_families()}. To use masa on it anyway, name the layers "
+        "explicitly: masa compress --targets PATTERN ... (module-name suffixes or regexes, e.g. "
+        "'self_attn.q_proj'), or share(model, blocks='model.layers', targets=['self_attn.q_proj', "
+        "'self_attn.k_proj'])"
     )
 
 
@@ -76,29 +94,53 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     )
 
 
-def unfuse_qkv(model: nn.Module, blocks_path: str | None = None) -> bool:
-    """Split fused Q/K/V projections into :class:`SplitQKV` in place. Returns whether anything changed."""
+def fused_parts(model: nn.Module, spec: Fused, d_out: int) -> tuple[dict[str, int], int]:
+    """({part: rows}, groups) of a fused projection with ``d_out`` rows, row counts read from the config."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    sizes = {
+        "q": heads * head_dim,
+        "kv": (getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        "equal": d_out // len(spec.parts),
+    }
+    parts = {name: sizes[size] for name, size in zip(spec.parts, spec.rows, strict=True)}
+    if sum(parts.values()) != d_out:
+        raise ValueError(
+            f"{type(model).__name__}'s config gives fused parts {parts} ({sum(parts.values())} rows) but the "
+            f"fused layer has {d_out}: the config does not match the weights"
+        )
+    return parts, heads if spec.per_head else 1
+
+
+def unfuse(model: nn.Module, blocks_path: str | None = None, record: bool = True) -> bool:
+    """Split every fused projection of the blocks into an exact :class:`SplitLinear`, in place.
+
+    Records the replayable ``unfuse`` operation when something changed (and ``record``); returns
+    whether anything changed (a second call is a no-op).
+    """
     adapter = get_adapter(model)
-    if adapter.fused_qkv is None:
-        return False
-    _, blocks = find_blocks(model, blocks_path)
+    blocks_path, blocks = find_blocks(model, blocks_path)
     changed = False
     for block in blocks:
-        fused = block.get_submodule(adapter.fused_qkv)
-        if isinstance(fused, SplitQKV):
-            continue
-        weight, bias = linear_weight(fused)  # (3 d, d_in)
-        d3, d_in = weight.shape
-        split = SplitQKV(d_in, d3 // 3, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        if weight.device.type != "meta":
-            with torch.no_grad():
-                for i, proj in enumerate((split.q_proj, split.k_proj, split.v_proj)):
-                    proj.weight.copy_(weight[i * d3 // 3 : (i + 1) * d3 // 3])
-                    if bias is not None:
-                        proj.bias.copy_(bias[i * d3 // 3 : (i + 1) * d3 // 3])
-        set_submodule(block, adapter.fused_qkv, split)
-        changed = True
+        for path, spec in adapter.fused.items():
+            fused = block.get_submodule(path)
+            if isinstance(fused, SplitLinear):
+                continue
+            weight, bias = linear_weight(fused)  # (d_out, d_in), (d_out,)
+            parts, groups = fused_parts(model, spec, weight.shape[0])
+            set_submodule(block, path, SplitLinear.from_fused(weight, bias, parts, groups))
+            changed = True
+    if changed and record:
+        surgery.record(model, {"op": "unfuse", "blocks": blocks_path})
     return changed
+
+
+@surgery.register_replay("unfuse")
+@surgery.register_replay("unfuse_qkv")  # the name written before every fused layout was supported
+def _replay_unfuse(model: nn.Module, op: dict) -> None:
+    unfuse(model, op["blocks"], record=False)
+    surgery.record(model, op)
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -17,7 +17,11 @@ from pathlib import Path
 from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter
 from masa.commands.checkpoint import Tensor, WeightsFile, read_config, read_weights
 
-FUSED_QKV = "qkv"  # pseudo-role of a fused Q/K/V projection (GPT-2's c_attn)
+FUSED = "+"  # a fused projection's pseudo-role joins the roles it holds: "q+k+v", "gate+up"
+
+
+def _roles_in(role: str) -> set[str]:
+    return set(role.split(FUSED))
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -45,13 +49,18 @@ class Layout:
 
     family: str
     n_blocks: int
-    by_role: dict[str, int]  # role (or FUSED_QKV) -> stored numbers
+    by_role: dict[str, int]  # role (or a fused pseudo-role such as q+k+v) -> stored numbers
 
 
 def _role_patterns(adapter: Adapter) -> list[tuple[str, re.Pattern]]:
-    """(role, regex) per projection, matching ``<blocks>.<N>.<path>.`` after a dot; fused Q/K/V last."""
+    """(role, regex) per projection, matching ``<blocks>.<N>.<path>.`` after a dot; a fused projection (as
+    stored in a checkpoint) under its pseudo-role."""
     blocks = "|".join(re.escape(b) for b in sorted(adapter.blocks, key=len, reverse=True))
-    paths = [*adapter.roles.items(), *([(FUSED_QKV, adapter.fused_qkv)] if adapter.fused_qkv else [])]
+    fused = [(FUSED.join(adapter.fused_roles(path)), path) for path in adapter.fused]
+    paths = [
+        *((r, p) for r, p in adapter.roles.items() if not any(p.startswith(f + ".") for f in adapter.fused)),
+        *fused,
+    ]
     return [
         (role, re.compile(rf"(?:^|\.)(?P<blocks>{blocks})\.(?P<index>\d+)\.{re.escape(path)}\."))
         for role, path in paths
@@ -80,7 +89,8 @@ def match_layout(tensors: dict[str, Tensor], model_type: str | None) -> Layout |
         score = (len(roles), model_type in adapter.model_types, longest)
         if roles and score > best_score:
             found = set(roles.values())
-            by_role = {role: 0 for role in (*adapter.roles, FUSED_QKV) if role in found}  # table order
+            table = [*adapter.roles, *(FUSED.join(adapter.fused_roles(p)) for p in adapter.fused)]
+            by_role = {role: 0 for role in table if role in found}  # table order
             for key, role in roles.items():
                 by_role[role] += stored_numbers(key, tensors)
             best, best_score = Layout(adapter.family, len(blocks), by_role), score
@@ -91,8 +101,8 @@ def counts_from_layout(layout: Layout | None, total: int) -> dict:
     """Parameter counts of an uncompressed checkpoint (stored = dense), in ``ParamCount.as_dict`` form."""
     attention, by_role = None, {}
     if layout is not None:
-        attention = sum(n for role, n in layout.by_role.items() if role in (*ATTENTION_ROLES, FUSED_QKV))
-        by_role = {role: {"stored": n, "dense": n} for role, n in layout.by_role.items() if role != FUSED_QKV}
+        attention = sum(n for role, n in layout.by_role.items() if _roles_in(role) <= set(ATTENTION_ROLES))
+        by_role = {role: {"stored": n, "dense": n} for role, n in layout.by_role.items()}
     return {
         "attention_params": attention,
         "attention_params_dense": attention,
@@ -106,7 +116,7 @@ def counts_from_layout(layout: Layout | None, total: int) -> dict:
 
 def mlp_counts(by_role: dict[str, dict[str, int]]) -> dict:
     """MLP stored and dense numbers and ratio over the MLP roles (None when no MLP role was found)."""
-    roles = [v for role, v in by_role.items() if role in MLP_ROLES]
+    roles = [v for role, v in by_role.items() if _roles_in(role) <= set(MLP_ROLES)]
     stored, dense = sum(v["stored"] for v in roles), sum(v["dense"] for v in roles)
     if not dense:
         return {"mlp_params": None, "mlp_params_dense": None, "mlp_ratio": None}

@@ -19,9 +19,7 @@ from masa.arch import (
     find_blocks,
     get_adapter,
     linear_weight,
-    model_type,
-    supported_families,
-    unfuse_qkv,
+    unfuse,
 )
 from masa.compress.config import TARGET_PRESETS, CompressConfig
 
@@ -110,15 +108,11 @@ def resolve_layout(model: nn.Module, config: CompressConfig) -> Layout:
         adapter = get_adapter(model)
     except ValueError as err:
         if preset is not None:
-            raise ValueError(
-                f"--targets {preset} needs a known architecture: {type(model).__name__} (model_type "
-                f"{model_type(model)!r}) is not one of {supported_families()}; name the layers to compress "
-                "with --targets PATTERN ... (module-name suffixes or regexes, e.g. 'q_proj' 'k_proj')"
-            ) from err
+            raise ValueError(f"--targets {preset} needs a known architecture: {err}") from err
         adapter = None
     blocks_path, blocks = find_blocks(model) if adapter is not None else (None, None)
-    if adapter is not None and adapter.fused_qkv is not None and unfuse_qkv(model, blocks_path):
-        surgery.record(model, {"op": "unfuse_qkv", "blocks": blocks_path})
+    if adapter is not None and adapter.fused:
+        unfuse(model, blocks_path)  # recorded
     if preset is None:
         names = surgery.match_modules(model, config.targets, config.exclude, kinds=_linear_kinds())
     else:

@@ -1,7 +1,7 @@
 """Every layer masa puts into a model, in one place: shared atoms, low-rank, shared bases, sparse codes, split fused projections."""
 
 from masa.nn.basis import BasisLinear, SharedBasis, SparseCodeLinear, index_dtype
-from masa.nn.fused import SplitQKV
+from masa.nn.fused import SplitLinear
 from masa.nn.lowrank import LowRankLinear
 from masa.nn.shared import AtomDictionary, CoefficientGenerator, RefinedSharedLinear, SharedLinear
 
@@ -14,6 +14,6 @@ __all__ = [
     "SharedBasis",
     "SharedLinear",
     "SparseCodeLinear",
-    "SplitQKV",
+    "SplitLinear",
     "index_dtype",
 ]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from masa import surgery
-from masa.arch import find_blocks, get_adapter, linear_weight, resolve_role, set_submodule, unfuse_qkv
+from masa.arch import find_blocks, linear_weight, resolve_role, set_submodule, unfuse
 from masa.budget import atoms_for_ratio, check_ratio
 from masa.nn import AtomDictionary, SharedLinear
 from masa.sharing.pca import matrix_pca, unexplained_energy
@@ -259,8 +259,8 @@ def share(
     """
     config = config or ShareConfig(**kwargs)
     blocks_path = config.blocks or find_blocks(model)[0]
-    if config.blocks is None and get_adapter(model).fused_qkv and unfuse_qkv(model, blocks_path) and record:
-        surgery.record(model, {"op": "unfuse_qkv", "blocks": blocks_path})
+    if config.blocks is None:
+        unfuse(model, blocks_path, record=record)
     blocks_path, plans = plan_sharing(model, config)
     build_sharing(model, blocks_path, plans, config.init)
     if record:
@@ -283,12 +283,6 @@ def collapse_generators(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if getattr(config, "coef_generator", False):  # native models build the generator from their config
         config.coef_generator = False
-
-
-@surgery.register_replay("unfuse_qkv")
-def _replay_unfuse(model: nn.Module, op: dict) -> None:
-    unfuse_qkv(model, op["blocks"])
-    surgery.record(model, op)
 
 
 @surgery.register_replay("share")

@@ -27,15 +27,6 @@ from masa.arch import find_blocks, get_adapter
 
 LENS_CHUNK = 1024  # tokens per logit-lens chunk: bounds the (chunk, vocab) logits held at once
 
-# family -> modules mapping a block's hidden state to next-token logits (final norm ..., head);
-# a missing or None module before the head is skipped (OPT without project_out)
-LOGIT_LENS = {
-    "masa_lm": ("norm", "lm_head"),
-    "llama": ("model.norm", "lm_head"),
-    "gpt2": ("transformer.ln_f", "lm_head"),
-    "opt": ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
-}
-
 
 @dataclass
 class CalibrationStats:
@@ -176,29 +167,49 @@ def _model_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+def _attention_kinds(model: nn.Module, n_blocks: int) -> list[object]:
+    """What decides the keyword arguments each block receives: the config's ``layer_types`` where the
+    family mixes them (Gemma-2/3: sliding-window and global layers get different masks and rotary
+    tables), else one kind for all."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    return list(types) if isinstance(types, (list, tuple)) and len(types) == n_blocks else [None] * n_blocks
+
+
 def _capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
-) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) each batch passes to ``block`` (the first block), stopping the forward there."""
-    captured: list[tuple[tuple, dict]] = []
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
+) -> tuple[list[int], list[list[tuple[tuple, dict]]]]:
+    """The (args, kwargs) each batch passes to the first block of each attention kind, and for every block
+    the index of the kind whose arguments it takes. The forward stops at the last such first block."""
+    kinds = _attention_kinds(model, len(blocks))
+    firsts = [kinds.index(k) for k in dict.fromkeys(kinds)]  # first block of each kind, in order
+    kind_of = [firsts.index(kinds.index(k)) for k in kinds]
+    captured: list[list[tuple[tuple, dict]]] = [[] for _ in batches]
+    current = 0
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        captured.append((args, kwargs))
-        raise _Stop
+    def hook_for(last: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            captured[current].append((args, kwargs))
+            if last:
+                raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [
+        blocks[i].register_forward_pre_hook(hook_for(i == firsts[-1]), with_kwargs=True) for i in firsts
+    ]
     try:
-        for batch in batches:
+        for current, batch in enumerate(batches):  # noqa: B007 (read by the hooks)
             with contextlib.suppress(_Stop):
                 model(batch, **_model_kwargs(model))
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    return kind_of, captured
 
 
 def _lens(model: nn.Module) -> list[nn.Module] | None:
     """The modules of the logit lens (final norm ..., output head), or None (encoders, no head)."""
-    paths = LOGIT_LENS.get(get_adapter(model).family)
+    paths = get_adapter(model).lens
     if paths is None:
         return None
     modules = []
@@ -318,14 +329,15 @@ def _stream(
     progress: Callable | None,
 ) -> list[float] | None:
     """Run the blocks one at a time over the stored hidden states; returns the logit-lens KLs."""
-    inputs = _capture_block_inputs(model, blocks[0], batches)  # per batch: (args, kwargs) of block 0
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]  # (B, T, d) each
+    kind_of, inputs = _capture_block_inputs(model, blocks, batches)  # per batch: (args, kwargs) per kind
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in inputs)]
     block_kl: list[float] = []
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
         kl_sum = kl_rows = 0
         with accumulator.hooks(per_block[i]):
-            for b, (args, kwargs) in enumerate(inputs):
+            for b, per_kind in enumerate(inputs):
+                args, kwargs = per_kind[kind_of[i]]
                 accumulator.new_forward()
                 call_args, call_kwargs = _replace_hidden(args, kwargs, hidden[b])
                 out = _hidden(blocks[i](*call_args, **call_kwargs))  # (B, T, d)
