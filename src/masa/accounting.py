@@ -3,7 +3,7 @@
 Every projection role of every block is looked up through the architecture adapter (attribute
 walk, so blocks that hold unregistered references to shared modules are seen too). A module's stored
 numbers are its own unique parameters, plus its dictionary's atoms once; a module that replaces a
-dense layer reports what it replaced through ``dense_numel()``. A model may override the attention
+dense layer (a ``masa.nn.MasaLinear``) reports what it replaced through ``dense_numel()``. A model may override the attention
 figures with two hooks: ``attention_parameters()`` and ``dense_attention_params()``.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from masa.arch import ATTENTION_ROLES, find_blocks, get_adapter
-from masa.nn import SharedLinear, SplitLinear
+from masa.nn import MasaLinear, SharedLinear, SplitLinear
+from masa.nn.protocol import dense_numel
 
 
 @dataclass
@@ -73,18 +74,10 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _dense_numel(module: nn.Module) -> int:
-    if hasattr(module, "dense_numel"):
-        return module.dense_numel()
-    if isinstance(module, SharedLinear):
-        return module.out_features * module.in_features + (0 if module.bias is None else module.out_features)
-    return sum(p.numel() for p in module.parameters())
-
-
 def count(model: nn.Module) -> ParamCount:
     """Count attention and total parameters of ``model`` and its ratios against the unshared model."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields each tensor once
-    extra = sum(m.extra_stored_numel() for m in model.modules() if hasattr(m, "extra_stored_numel"))
+    extra = sum(m.extra_stored_numel() for m in model.modules() if isinstance(m, MasaLinear))
     total += extra
     _, blocks = find_blocks(model)
     seen: set[int] = set()
@@ -95,12 +88,12 @@ def count(model: nn.Module) -> ParamCount:
             module = _walk(block, path)
             if module is None:  # e.g. GPT-2's q/k/v before unfusing: counted by _fused_attention
                 continue
-            dense += _dense_numel(module)
+            dense += dense_numel(module)
             for p in _params(module):
                 if id(p) not in seen:
                     seen.add(id(p))
                     stored += p.numel()
-            if hasattr(module, "extra_stored_numel"):
+            if isinstance(module, MasaLinear):
                 stored += module.extra_stored_numel()
         if dense:
             by_role[role] = (stored, dense)

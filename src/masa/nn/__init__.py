@@ -3,9 +3,13 @@
 from masa.nn.basis import BasisLinear, SharedBasis, SparseCodeLinear, index_dtype
 from masa.nn.fused import SplitLinear
 from masa.nn.lowrank import LowRankLinear
+from masa.nn.protocol import KINDS, MasaLinear, parameter_kinds
 from masa.nn.shared import AtomDictionary, CoefficientGenerator, RefinedSharedLinear, SharedLinear
 
 __all__ = [
+    "KINDS",
+    "MasaLinear",
+    "parameter_kinds",
     "AtomDictionary",
     "BasisLinear",
     "CoefficientGenerator",

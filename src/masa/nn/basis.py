@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from masa.nn.protocol import MasaLinear
+
 
 class SharedBasis(nn.Module):
     """An input-side matrix (k, d_in) shared by several layers: registered once, in its first layer.
 
-    The other layers hold it as an unregistered reference (like ``masa.nn``), so
+    The other layers hold it as an unregistered reference (like an atom dictionary), so
     ``state_dict()`` has one key for it and ``parameters()``, ``.to()``, ``deepcopy`` and autograd see
     one tensor.
     """
@@ -28,7 +30,7 @@ class SharedBasis(nn.Module):
         return f"rank={self.rank}, in_features={self.in_features}"
 
 
-class _BasisUser(nn.Module):
+class _BasisUser(MasaLinear):
     """A layer y = U (B x) + b over a :class:`SharedBasis` B; registers B only when ``owner``."""
 
     def __init__(self, basis: SharedBasis, out_features: int, bias: bool, owner: bool, device, dtype):
@@ -47,14 +49,8 @@ class _BasisUser(nn.Module):
         """The dense (d_out, k) matrix mapping the basis outputs to this layer's outputs."""
         raise NotImplementedError
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The equivalent dense weight (d_out, d_in)."""
-        return self.codes() @ self.shared.weight
-
-    def dense_numel(self) -> int:
-        """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
-        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+    def to_dense(self) -> torch.Tensor:
+        return self.codes() @ self.shared.weight  # (d_out, k) @ (k, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.shared.weight), self.codes(), self.bias)  # d_in -> k -> d_out
@@ -62,6 +58,8 @@ class _BasisUser(nn.Module):
 
 class BasisLinear(_BasisUser):
     """Basis Sharing's layer: a shared basis B (k, d_in) and this layer's dense coefficients ``up`` (d_out, k)."""
+
+    KINDS = {"up": "coefficients", "basis.weight": "basis"}
 
     def __init__(self, basis: SharedBasis, out_features: int, bias: bool = False, owner: bool = True,
                  device=None, dtype=None):  # fmt: skip
@@ -87,6 +85,8 @@ class SparseCodeLinear(_BasisUser):
     (d_out, s) of the smallest integer dtype (or ``indices_dtype``); :meth:`extra_stored_numel` counts the index storage in
     numbers of the values' width (e.g. uint8 indices with float32 values: a quarter number each).
     """
+
+    KINDS = {"values": "codes", "basis.weight": "basis"}
 
     def __init__(self, basis: SharedBasis, out_features: int, sparsity: int, bias: bool = False,
                  owner: bool = True, indices_dtype: torch.dtype | None = None, device=None, dtype=None):  # fmt: skip

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from masa.nn.protocol import MasaLinear, dense_numel
 
-class SplitLinear(nn.Module):
+
+class SplitLinear(MasaLinear):
     """One ``nn.Linear`` child per part; the forward rebuilds the fused layer's output exactly.
 
     The fused output rows are ``groups`` groups, each holding 1/groups of every part's rows in part
@@ -23,6 +25,7 @@ class SplitLinear(nn.Module):
             raise ValueError(f"parts {bad} cannot be split into {groups} equal groups of rows")
         self.parts = tuple(parts)
         self.groups = groups
+        self.in_features, self.out_features = d_in, sum(parts.values())
         for name, rows in parts.items():
             self.add_module(name, nn.Linear(d_in, rows, bias=bias, device=device, dtype=dtype))
 
@@ -51,6 +54,14 @@ class SplitLinear(nn.Module):
                     split.get_submodule(name).bias.copy_(bias[index])
                 offset += rows
         return split
+
+    def to_dense(self) -> torch.Tensor:
+        """The fused weight (d_out, d_in) in the fused layer's row order (each part may be compressed)."""
+        stacked = torch.cat([self.get_submodule(name).weight for name in self.parts])  # concatenated order
+        return stacked[fused_order([self.get_submodule(n).out_features for n in self.parts], self.groups)]
+
+    def dense_numel(self) -> int:
+        return sum(dense_numel(self.get_submodule(name)) for name in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [self.get_submodule(name)(x) for name in self.parts]  # (..., rows_p) each

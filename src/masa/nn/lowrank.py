@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from masa.nn.protocol import MasaLinear
 
-class LowRankLinear(nn.Module):
+
+class LowRankLinear(MasaLinear):
     """Linear map through a rank-r bottleneck: y = (x B^T) A^T + b.
 
     B = ``down`` (r x d_in), A = ``up`` (d_out x r), optional bias (d_out,). Stores r (d_in + d_out)
     numbers instead of d_in d_out.
     """
+
+    KINDS = {"up": "factors", "down": "factors"}
 
     def __init__(
         self,
@@ -41,14 +45,8 @@ class LowRankLinear(nn.Module):
         nn.init.normal_(self.down, 0.0, factor_std)
         nn.init.normal_(self.up, 0.0, factor_std)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The equivalent dense weight (d_out, d_in)."""
-        return self.up @ self.down
-
-    def dense_numel(self) -> int:
-        """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
-        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+    def to_dense(self) -> torch.Tensor:
+        return self.up @ self.down  # (d_out, r) @ (r, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up, self.bias)  # (..., d_in) -> (..., r) -> (..., d_out)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masa.nn.lowrank import LowRankLinear
+from masa.nn.protocol import MasaLinear
 
 
 class CoefficientGenerator(nn.Module):
@@ -135,13 +136,15 @@ class AtomDictionary(nn.Module):
         self._generated = None
 
 
-class SharedLinear(nn.Module):
+class SharedLinear(MasaLinear):
     """A linear layer whose weight is a combination of shared atoms: W = sum_s c_s D_s.
 
     Holds its coefficients (S,) and optional bias (d_out,); the dictionary is an unregistered
     reference set with :meth:`bind`. Drop-in for ``nn.Linear`` (and GPT-2's ``Conv1D``):
-    ``y = x W^T + b``.
+    ``y = x W^T + b``. Its atoms are stored (and counted) once, by their :class:`AtomDictionary`.
     """
+
+    KINDS = {"coefficients": "coefficients"}
 
     def __init__(
         self,
@@ -193,6 +196,9 @@ class SharedLinear(nn.Module):
             self._cache = (key, d.weights(coeffs.detach()).detach())
         return self._cache[1]
 
+    def to_dense(self) -> torch.Tensor:
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
@@ -203,8 +209,10 @@ class SharedLinear(nn.Module):
         )
 
 
-class RefinedSharedLinear(nn.Module):
+class RefinedSharedLinear(MasaLinear):
     """A shared-atom projection plus its own low-rank correction: y = shared(x) + correction(x)."""
+
+    KINDS = {"shared.coefficients": "coefficients", "correction.up": "factors", "correction.down": "factors"}
 
     def __init__(self, shared: SharedLinear, correction: LowRankLinear):
         super().__init__()
@@ -212,10 +220,8 @@ class RefinedSharedLinear(nn.Module):
         self.shared = shared
         self.correction = correction
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The equivalent dense weight (d_out, d_in)."""
-        return self.shared.weight + self.correction.weight
+    def to_dense(self) -> torch.Tensor:
+        return self.shared.weight + self.correction.weight  # (d_out, d_in)
 
     def dense_numel(self) -> int:
         """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
