@@ -7,7 +7,6 @@ functions that walk a model (``masa.arch.adapters``, which imports torch) are im
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter, Fused
 
@@ -23,35 +22,7 @@ _ADAPTER_FUNCTIONS = (
     "unfuse",
 )
 
-if TYPE_CHECKING:
-    from masa.arch.adapters import (
-        find_blocks,
-        fused_parts,
-        get_adapter,
-        linear_weight,
-        model_type,
-        resolve_role,
-        set_submodule,
-        supported_families,
-        unfuse,
-    )
-
-__all__ = [
-    "ADAPTERS",
-    "ATTENTION_ROLES",
-    "MLP_ROLES",
-    "Adapter",
-    "Fused",
-    "find_blocks",
-    "fused_parts",
-    "get_adapter",
-    "linear_weight",
-    "model_type",
-    "resolve_role",
-    "set_submodule",
-    "supported_families",
-    "unfuse",
-]
+__all__ = ["ADAPTERS", "ATTENTION_ROLES", "MLP_ROLES", "Adapter", "Fused", *_ADAPTER_FUNCTIONS]
 
 
 def __getattr__(name: str) -> object:
