@@ -300,3 +300,64 @@ def test_remote_code_model_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="as AutoModel \\(it needs its own code.*never runs remote code"):
         masa.load(directory)
+
+
+RELOAD = """
+import sys, torch
+import masa
+from safetensors.torch import load_file, save_file
+ids = load_file(sys.argv[1])["ids"]
+with torch.no_grad():
+    for directory in sys.argv[2:]:
+        model = masa.load(directory)
+        out = model(ids)
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        save_file({"out": out.float().contiguous()}, directory + ".out.safetensors")
+"""
+
+
+def test_cli_compresses_every_variant_and_a_fresh_process_reloads_it(written, ids, tmp_path, capsys):
+    """``masa compress`` on each loader variant with a tokenizer that truncates at 16 tokens: calibration
+    sees the whole text, the dtype is kept, and a fresh process after a plain ``import masa`` reloads
+    every output to the in-process model's outputs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from masa.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 40)  # 1,800 characters
+    outs = []
+    for variant in VARIANTS:
+        source = tmp_path / variant
+        shutil.copytree(written[variant], source)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt"):
+            (source / name).unlink(missing_ok=True)
+        checkpoints.truncating_tokenizer(source)
+        out = tmp_path / f"{variant}-svd-llm"
+        argv = ["compress", str(source), "--method", "svd-llm", "--ratio", "0.2", "--targets", "all-linear",
+                "--calib", str(calib), "--calib-samples", "4", "--calib-len", "64", "--out", str(out),
+                "--no-cache", "--json", "-"]  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # GPT-2's stale masked_bias buffers
+            assert main(argv) == 0, capsys.readouterr().err
+        report = json.loads(capsys.readouterr().out)
+        assert report["calibration"]["rows"] == 4 * 64  # 256 tokens although the tokenizer truncates at 16
+        assert abs(report["ratio_reached"] - 0.2) <= 0.01
+        dtype = next(_reference(written[variant]).parameters()).dtype
+        assert next(masa.load(out).parameters()).dtype == dtype
+        outs.append(out)
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path / "ids.safetensors"), *map(str, outs)],
+        check=True,
+        timeout=300,
+    )
+    for out in outs:
+        model = masa.load(out)
+        with torch.no_grad():
+            expected = outputs(model, ids).float()
+        torch.testing.assert_close(load_file(f"{out}.out.safetensors")["out"], expected, atol=0, rtol=0)
