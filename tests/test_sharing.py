@@ -223,3 +223,17 @@ def test_generator_runs_once_per_forward_and_follows_updates(ids):
         assert len(calls) == len(model.masa_bank.dictionaries), step  # once per dictionary, not per layer
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("call", ["share", "count", "save", "compress"])
+def test_a_path_where_a_model_belongs_is_a_clear_error(call, tmp_path):
+    from masa.compress import CompressConfig, compress
+
+    calls = {
+        "share": lambda: masa.share("model", atoms=2),
+        "count": lambda: masa.count("model"),
+        "save": lambda: masa.save("model", tmp_path / "out"),
+        "compress": lambda: compress("model", CompressConfig("svd", 0.2)),
+    }
+    with pytest.raises(TypeError, match=r"needs a model \(a torch.nn.Module\), got str; load it first"):
+        calls[call]()

@@ -16,6 +16,7 @@ from torch import nn
 from masa.arch import ATTENTION_ROLES, find_blocks, get_adapter
 from masa.nn import MasaLinear, SharedLinear, SplitLinear
 from masa.nn.protocol import dense_numel
+from masa.runtime import require_module
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
 
 def count(model: nn.Module) -> ParamCount:
     """Count attention and total parameters of ``model`` and its ratios against the unshared model."""
+    require_module(model, "masa.count")
     total = sum(p.numel() for p in model.parameters())  # parameters() yields each tensor once
     extra = sum(m.extra_stored_numel() for m in model.modules() if isinstance(m, MasaLinear))
     total += extra

@@ -19,6 +19,19 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def require_module(model: object, action: str) -> nn.Module:
+    """``model`` itself when it is a torch module; otherwise a TypeError saying what to pass instead
+    (a path given where a model is expected is the usual mistake)."""
+    if isinstance(model, nn.Module):
+        return model
+    hint = (
+        f"; load it first with masa.load({str(model)!r})"
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+        else ""
+    )
+    raise TypeError(f"{action} needs a model (a torch.nn.Module), got {type(model).__name__}{hint}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():

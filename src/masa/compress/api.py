@@ -18,6 +18,7 @@ from masa.compress.layout import Layout, resolve_layout
 from masa.compress.registry import get_method
 from masa.data.tokenizer import encode
 from masa.eval.datasets import load_eval_text
+from masa.runtime import require_module
 
 RATIO_TOLERANCE = 0.01  # |reached - requested| allowed, in absolute ratio
 
@@ -123,6 +124,7 @@ def compress(
         progress: iterator wrapper for the per-block calibration loop (e.g. ``tqdm``).
     Raises ValueError when the reached ratio is off by more than 1 % (the model is then left changed).
     """
+    require_module(model, "masa.compress.compress")
     method = get_method(config.method)
     layout = resolve_layout(model, config)
     names = layout.names

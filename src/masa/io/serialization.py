@@ -158,6 +158,9 @@ def save(
     """
     from masa import __version__
     from masa.accounting import count
+    from masa.runtime import require_module
+
+    require_module(model, "masa.save")
 
     source = files_from
     config = model_config_dict(model)

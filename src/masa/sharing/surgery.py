@@ -19,6 +19,7 @@ from masa import surgery
 from masa.arch import find_blocks, linear_weight, resolve_role, set_submodule, unfuse
 from masa.budget import atoms_for_ratio, check_ratio
 from masa.nn import AtomDictionary, SharedLinear
+from masa.runtime import require_module
 from masa.sharing.pca import matrix_pca, unexplained_energy
 
 INITS = ("pca", "random", "empty")
@@ -257,6 +258,7 @@ def share(
     ``share(model, targets=["q", "k", "v"], ratio=0.5, init="random")``. ``record=False`` leaves the
     operation out of the saved surgery log (for architectures that share by construction).
     """
+    require_module(model, "masa.share")
     config = config or ShareConfig(**kwargs)
     blocks_path = config.blocks or find_blocks(model)[0]
     if config.blocks is None:
