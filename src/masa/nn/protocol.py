@@ -70,21 +70,16 @@ def dense_numel(module: nn.Module) -> int:
 def parameter_kinds(model: nn.Module) -> dict[str, str]:
     """Full parameter name -> kind for every parameter of ``model`` (each tensor once).
 
-    masa layers say it themselves; atom dictionaries hold ``atoms`` (and a ``generator`` while
-    training); parameters of normalisation modules are ``norm``; other biases ``bias``; the rest ``dense``.
+    masa's modules say it themselves (``parameter_kinds()``: layers, and atom dictionaries with their
+    ``atoms`` and training-time ``generator``); parameters of normalisation modules are ``norm``; other
+    biases ``bias``; the rest ``dense``.
     """
-    from masa.nn.shared import AtomDictionary
-
     kinds: dict[str, str] = {}
     for prefix, module in model.named_modules():
         dotted = f"{prefix}." if prefix else ""
-        if isinstance(module, MasaLinear):
+        if callable(getattr(module, "parameter_kinds", None)):
             for name, kind in module.parameter_kinds().items():
                 kinds.setdefault(dotted + name, kind)
-        elif isinstance(module, AtomDictionary):
-            kinds.setdefault(dotted + "atoms", "atoms")
-            for name, _ in module.named_parameters():
-                kinds.setdefault(dotted + name, "generator")
         elif "norm" in type(module).__name__.lower():
             for name, _ in module.named_parameters(recurse=False):
                 kinds.setdefault(dotted + name, "norm")

@@ -100,6 +100,10 @@ class AtomDictionary(nn.Module):
             f"n_blocks={self.n_blocks}, generator={self.generator is not None}"
         )
 
+    def parameter_kinds(self) -> dict[str, str]:
+        """``atoms``, and ``generator`` for the coefficient generator's parameters (``masa.nn.protocol``)."""
+        return {name: "atoms" if name == "atoms" else "generator" for name, _ in self.named_parameters()}
+
     def generated_coefficients(self) -> torch.Tensor:
         """The generator's coefficients (n_blocks, S), computed once per forward pass for all its layers.
 
