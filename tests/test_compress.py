@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -187,3 +188,22 @@ def test_cli_errors_leave_no_directory(saved_llama, capsys):
     args = ["compress", str(root / "empty"), "--method", "svd", "--ratio", "0.5", "--out", str(root / "x")]
     assert cli.main(args) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_second_compress_to_a_busy_out_is_refused(saved_llama):
+    """While one process holds --out (here: this test, through the same lock), a second ``masa compress``
+    in another process is refused at once, naming the holder, and writes nothing."""
+    import subprocess
+    import sys
+
+    from masa.io.lock import directory_lock
+
+    root, out = saved_llama, saved_llama / "busy"
+    argv = [sys.executable, "-m", "masa.cli", "compress", str(root / "base"), "--method", "svd", "--ratio",
+            "0.4", "--out", str(out)]  # fmt: skip
+    with directory_lock(out):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "pid" in done.stderr and str(os.getpid()) in done.stderr
+    assert not out.exists()
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=300).returncode == 0  # free again
