@@ -92,8 +92,9 @@ class Knob:
         dense: stored numbers of what the knob's modules replace (biases included).
         fixed: stored numbers kept whatever the knob (biases).
         low, high: allowed range of the knob (inclusive).
-        gains: whitened error removed by each step above ``low`` (non-increasing, length high - low);
-            None for ``uniform``.
+        gains: whitened error removed by each step above ``low`` (non-increasing); ``whitened-error``
+            takes at most ``len(gains)`` steps (a rank whose factors store as much as the dense matrix
+            gains nothing); None for ``uniform``.
     """
 
     cost: int
@@ -181,8 +182,9 @@ def rank_knob(d_out: int, d_in: int, bias: bool, gains: torch.Tensor | None = No
 
 
 def _checked_gains(name: str, knob: Knob) -> torch.Tensor:
-    if knob.gains is None or len(knob.gains) < knob.high - knob.low:
-        raise ValueError(f"{name}: whitened-error allocation needs a gain per step ({knob.high - knob.low})")
+    """The gains of the steps worth taking (at most up to ``high``); a knob's greedy steps end there."""
+    if knob.gains is None:
+        raise ValueError(f"{name}: whitened-error allocation needs the error each step removes")
     return knob.gains[: knob.high - knob.low].to(torch.float64)
 
 
@@ -192,7 +194,7 @@ def _greedy(knobs: dict[str, Knob], steps: dict[str, int], gains: dict[str, torc
     costs = [knobs[n].cost for n in names]
     taken, left = spend(costs, [gains[n] for n in names], [steps[n] for n in names], left)
     steps = dict(zip(names, taken, strict=True))
-    nxt = [n for n in names if steps[n] < knobs[n].high and knobs[n].cost < 2 * left]
+    nxt = [n for n in names if steps[n] < knobs[n].low + len(gains[n]) and knobs[n].cost < 2 * left]
     if nxt:  # half a step over is closer to the target than the leftover under it
         best = min(nxt, key=lambda n: knobs[n].cost)
         steps[best] += 1

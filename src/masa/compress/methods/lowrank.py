@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from masa.budget import ALLOCATIONS, Knob, allocate, rank_knob
+from masa.budget import ALLOCATIONS, Knob, allocate, max_useful_rank, rank_knob
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.install import Replacement, lowrank_replacement
@@ -94,7 +94,7 @@ def rank_knobs(targets: list[Target], stats: CalibrationStats | None, spectra: b
             weight = t.weight.to(torch.float64)
             if chol is not None:
                 weight = weight @ chol(t.name).to(weight.device)
-            gains = torch.linalg.svdvals(weight).square()[1:]
+            gains = torch.linalg.svdvals(weight).square()[1 : max_useful_rank(*t.shape)]  # ranks 2 .. useful
         knobs[t.name] = rank_knob(*t.shape, t.bias is not None, gains)
     return knobs
 
