@@ -41,6 +41,7 @@ from masa.runtime import forward_logits
 from masa.train.checkpoint import save_checkpoint
 from masa.train.config import ConfigError, DataConfig, TrainConfig, TrainRunConfig
 from masa.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from masa.train.groups import param_groups
 from masa.train.progress import Progress
 from masa.train.resume import check_resumable, data_fingerprint, load_resume_point
 from masa.train.rundir import (
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
-_NO_DECAY_PARTS = ("coefficient", "generator")  # MASA coefficients and the MLP producing them
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> float:
@@ -67,17 +67,6 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_fraction
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))  # 0 -> 1 over the decay
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices (and atom banks); no decay on norms, biases, 1-D params, coefficients."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():  # shared parameters appear once
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(part in name for part in _NO_DECAY_PARTS)
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -197,7 +186,11 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
     torch.manual_seed(tc.seed)
     model_config = config.model_config(vocab_size(tok))
     model = MasaLM(model_config).to(env.device)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    try:
+        groups = param_groups(model, tc.weight_decay, tc.lr_mult, tc.wd_mult)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
     fingerprint = data_fingerprint(tokenizer_hash(tok), splits.train, splits.valid)
     start, elapsed_before = 0, 0.0
     checkpoint, skipped = load_resume_point(ckpt_dir, env.device) if resume else (None, [])
@@ -219,7 +212,7 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
     for step in range(start, total):
         lr = lr_at(step, total, tc.lr, tc.min_lr, tc.warmup_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         train_loss = _train_step(ddp, optimizer, sampler, step, tc, env)
         done, now = step + 1, time.perf_counter() - t0
         tokens_per_s = (done - start) * sampler.tokens_per_step / now
