@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,59 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     assert summary["world_size"] == 2 and summary["tokens"] == single["tokens"]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+
+
+_FSDP_SCRIPT = """
+import json, sys
+from masa.train import TrainRunConfig, train
+train(TrainRunConfig.from_dict(json.loads(open(sys.argv[1]).read())), resume=sys.argv[2] == "resume")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_resume_exactly_and_match_one_process(tmp_path):
+    """FSDP2 on two gloo ranks (atom bank and generator sharded at the root, blocks one by one) repeats one
+    process with grad_accum 2, and resumed from its checkpoint of step 2 it repeats steps 3-4 exactly."""
+    model = {"model.attention": "masa-qkvo", "model.n_atoms": 1, "model.coef_generator": True}
+    sets = [f"{k}={json.dumps(v)}" for k, v in model.items()]
+    steps = {"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}
+    single_raw = apply_overrides(
+        tiny_raw(tmp_path, grad_accum=2, out_dir=str(tmp_path / "one"), **steps), sets
+    )
+    single = train(TrainRunConfig.from_dict(single_raw))
+    raw = apply_overrides(tiny_raw(tmp_path, out_dir=str(tmp_path / "two"), parallel="fsdp", **steps), sets)
+    config, script = tmp_path / "fsdp.json", tmp_path / "fsdp_train.py"
+    config.write_text(json.dumps(raw))
+    script.write_text(_FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    ckpts = tmp_path / "two" / "checkpoints"
+    for mode in ("fresh", "resume"):
+        done = subprocess.run([*run, str(config), mode], capture_output=True, text=True, timeout=180, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+        if mode == "fresh":  # rewind: as if the run had stopped after the checkpoint of step 2
+            (ckpts / "latest").write_text("step_000002\n")
+            shutil.rmtree(ckpts / "step_000004")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["resumed_from_step"] == 2
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    a, b = (masa.load(tmp_path / name / "final").state_dict() for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match="train.parallel = 'fsdp' shards the model over processes: run under torchrun"
+    ):
+        train(TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="fsdp")))
+    with pytest.raises(ConfigError, match="train.parallel 'zero' is unknown: use one of ddp, fsdp"):
+        TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="zero"))

@@ -47,8 +47,8 @@ class CoefficientGenerator(nn.Module):
         with torch.no_grad():
             last = self.mlp[-1]
             last.bias.zero_()
-            spread = self.mlp(self.embedding).std()  # over every (block, atom) entry
-            last.weight.mul_(1.0 / (math.sqrt(n_atoms) * float(spread)))
+            spread = self.mlp(self.embedding).std()  # over every (block, atom) entry; a tensor, so meta works
+            last.weight.div_(spread * math.sqrt(n_atoms))
 
     def forward(self) -> torch.Tensor:
         return self.mlp(self.embedding)  # (n_blocks, n_atoms)

@@ -21,6 +21,7 @@ from masa.model import MasaLMConfig
 from masa.train.groups import check_multipliers
 
 DTYPES = ("float32", "bfloat16")
+PARALLEL = ("ddp", "fsdp")  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
 FILLED_MODEL_KEYS = ("vocab_size",)  # set from the tokenizer, never by the user
 
 
@@ -83,6 +84,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # autocast dtype: "float32" or "bfloat16"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded; needs torchrun)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.token_budget < 0 or self.max_steps == self.token_budget == 0:
@@ -108,6 +110,10 @@ class TrainConfig:
             check_multipliers("wd_mult", self.wd_mult)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if self.parallel not in PARALLEL:
+            raise ConfigError(
+                f"train.parallel {self.parallel!r} is unknown: use one of {', '.join(PARALLEL)}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"train.dtype {self.dtype!r} is unsupported: use one of {', '.join(DTYPES)}")
 
