@@ -75,10 +75,10 @@ def test_bundled_digits_and_split():
 
 def test_short_training_run_on_digits_learns_and_collapses_the_generator():
     torch.set_num_threads(1)
-    config = tiny("masa-qkvo", n_layer=3, n_atoms=1, coef_generator=True)
+    config = tiny("masa-qkvo", n_layer=3, n_atoms=1, coef_generator=True, pool="mean")  # cls: slow to start
     tc = VisionTrainConfig(epochs=5, batch_size=64, lr=5e-3, min_lr=5e-4)
     model, summary = train_vit(config, load_digits(), tc)
-    assert summary["top1"] > 0.25  # 10 classes: chance is 0.1 (measured 0.36)
+    assert summary["top1"] > 0.35  # 10 classes: chance is 0.1 (measured 0.56 on 1 thread, 0.59 on 2)
     assert sum(summary["curve"][-5:]) < sum(summary["curve"][:5])
     assert config.coef_generator  # the caller's config is left alone
     assert all(d.generator is None for d in model.masa_bank.modules() if hasattr(d, "generator"))
