@@ -32,8 +32,19 @@ def test_suite_run_lists():
     assert [s.label for s in ablation] == ["dense"] + [
         f"masa-{kind}-S{s}" for kind in ("qkv", "qkvo") for s in (2, 4, 6, 8)
     ]
+    generator = suite_runs("generator", n_layer=12, target_ratio=2 / 3)
+    assert [s.label for s in generator] == ["dense"] + [
+        f"masa-{kind}-S4-{coef}" for kind in ("qkv", "qkvo") for coef in ("generator", "plain")
+    ]
     with pytest.raises(ValueError, match="unknown suite"):
         suite_runs("table2", 12, 0.5)
+
+
+def test_generator_suite_sets_the_coefficients_per_run():
+    base = MasaLMConfig(vocab_size=64, n_layer=12, n_head=4, d_model=128)
+    runs = suite_runs("generator", 12, 2 / 3)
+    flags = [variant_config(s, base, coef_generator=False).coef_generator for s in runs]  # the run decides
+    assert flags == [False, True, False, True, False]
 
 
 def test_variant_knobs_meet_the_budget():

@@ -20,6 +20,7 @@ from masa.model import (
     module_assignment,
     to_llama,
 )
+from masa.nn.shared import AtomDictionary
 
 KNOBS = {
     "dense": {},
@@ -61,6 +62,24 @@ def test_coefficient_generator_trains():
     model = build("masa-qkvo", coef_generator=True)
     model(tokens()).logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.masa_bank.parameters())
+
+
+@pytest.mark.parametrize("attention", ["masa-qkv", "masa-qkvo"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generator_starts_each_block_with_its_own_coefficients(attention, seed):
+    """DESIGN 2.10: generated coefficients have std 1/sqrt(S) and differ from block to block."""
+    model = build(attention, seed, n_layer=12, n_atoms=4, coef_generator=True)
+    dictionaries = [m for m in model.masa_bank.modules() if isinstance(m, AtomDictionary)]
+    assert len(dictionaries) == {"masa-qkv": 3, "masa-qkvo": 4}[attention]
+    for dictionary in dictionaries:
+        with torch.no_grad():
+            c = dictionary.generator()  # (L, S)
+        assert c.shape == (12, 4)
+        assert c.std().item() == pytest.approx(0.5, rel=1e-4)  # 1/sqrt(S), like plain coefficients
+        spread = c.std(dim=0).mean().item()  # across blocks, per atom: 0.0006 with the first init
+        assert spread > 0.25, spread
+        gaps = torch.cdist(c, c) + torch.eye(12) * 1e9  # distance between any two blocks' coefficients
+        assert gaps.min().item() > 0.1
 
 
 def test_seq_and_cycle_assignment_by_identity():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,17 +127,72 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lrs[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 89)))
 
 
-def test_no_weight_decay_on_norms_and_coefficients():
-    config = MasaLMConfig(vocab_size=50, n_layer=3, n_head=2, d_model=16, attention="masa-qkvo", n_atoms=1)
-    model = MasaLM(config)
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 and "coefficient" not in names[id(p)] for p in decay["params"])
-    assert any(names[id(p)].endswith("atoms") for p in decay["params"])
-    assert any("coefficient" in names[id(p)] for p in no_decay["params"])
-    assert any("norm" in names[id(p)] for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+def _masa_model(generator: bool = False) -> MasaLM:
+    config = MasaLMConfig(
+        vocab_size=50,
+        n_layer=3,
+        n_head=2,
+        d_model=16,
+        attention="masa-qkvo",
+        n_atoms=1,
+        coef_generator=generator,
+    )
+    return MasaLM(config)
+
+
+def test_groups_by_kind_decay_matrices_and_atoms_only():
+    model = _masa_model()
+    groups = param_groups(model, 0.1)
+    kinds = {(g["kind"], g["weight_decay"]) for g in groups}
+    assert kinds == {("atoms", 0.1), ("coefficients", 0.0), ("norm", 0.0), ("dense", 0.1)}
+    assert all(g["lr_mult"] == 1.0 for g in groups)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    generator = {g["kind"]: g["weight_decay"] for g in param_groups(_masa_model(generator=True), 0.1)}
+    assert generator["generator"] == 0.0 and "coefficients" not in generator
+    decayed = {g["kind"]: g["weight_decay"] for g in param_groups(model, 0.1, wd_mult={"coefficients": 0.5})}
+    assert decayed["coefficients"] == 0.0  # 1-D tensors never decay
+    assert {g["kind"]: g["weight_decay"] for g in param_groups(model, 0.1, wd_mult={"atoms": 0})}[
+        "atoms"
+    ] == 0
+
+
+def test_lr_mult_for_a_kind_the_model_lacks_or_an_unknown_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"train.lr_mult sets generator, which this model does not have"):
+        param_groups(_masa_model(), 0.1, lr_mult={"generator": 2.0})
+    raw = tiny_raw(tmp_path, lr_mult={"atom": 2.0})
+    with pytest.raises(ConfigError, match=r"train.lr_mult.atom: 'atom' is not a parameter kind; use one of"):
+        TrainRunConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match=r"train.wd_mult.atoms = -1.0 must be >= 0"):
+        TrainRunConfig.from_dict(apply_overrides(tiny_raw(tmp_path), ["train.wd_mult.atoms=-1"]))
+    with pytest.raises(ConfigError, match="this model does not have"):  # dense: no atoms
+        train(TrainRunConfig.from_dict(apply_overrides(tiny_raw(tmp_path), ["train.lr_mult.atoms=2"])))
+
+
+def test_parameter_groups_receive_their_learning_rates(tmp_path):
+    overrides = [
+        "model.attention=masa-qkvo",
+        "model.n_atoms=1",
+        "train.lr_mult.atoms=3",
+        "train.lr_mult.coefficients=0.5",
+    ]
+    config = TrainRunConfig.from_dict(apply_overrides(tiny_raw(tmp_path, max_steps=4), overrides))
+    assert config.train.lr_mult == {"atoms": 3.0, "coefficients": 0.5}
+    assert TrainRunConfig.from_dict(config.to_dict()) == config
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append({g["kind"]: g["lr"] for g in self.param_groups})
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        train(config)
+    assert len(seen) == 4
+    for step, lrs in enumerate(seen):
+        lr = lr_at(step, 4, 1e-2, 1e-3, 0.1)
+        assert lrs == pytest.approx({"atoms": 3 * lr, "coefficients": 0.5 * lr, "norm": lr, "dense": lr})
 
 
 # -------------------------------------------------------------------------------------- end to end
@@ -263,3 +319,59 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path):
     assert summary["world_size"] == 2 and summary["tokens"] == single["tokens"]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+
+
+_FSDP_SCRIPT = """
+import json, sys
+from masa.train import TrainRunConfig, train
+train(TrainRunConfig.from_dict(json.loads(open(sys.argv[1]).read())), resume=sys.argv[2] == "resume")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_resume_exactly_and_match_one_process(tmp_path):
+    """FSDP2 on two gloo ranks (atom bank and generator sharded at the root, blocks one by one) repeats one
+    process with grad_accum 2, and resumed from its checkpoint of step 2 it repeats steps 3-4 exactly."""
+    model = {"model.attention": "masa-qkvo", "model.n_atoms": 1, "model.coef_generator": True}
+    sets = [f"{k}={json.dumps(v)}" for k, v in model.items()]
+    steps = {"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}
+    single_raw = apply_overrides(
+        tiny_raw(tmp_path, grad_accum=2, out_dir=str(tmp_path / "one"), **steps), sets
+    )
+    single = train(TrainRunConfig.from_dict(single_raw))
+    raw = apply_overrides(tiny_raw(tmp_path, out_dir=str(tmp_path / "two"), parallel="fsdp", **steps), sets)
+    config, script = tmp_path / "fsdp.json", tmp_path / "fsdp_train.py"
+    config.write_text(json.dumps(raw))
+    script.write_text(_FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    ckpts = tmp_path / "two" / "checkpoints"
+    for mode in ("fresh", "resume"):
+        done = subprocess.run([*run, str(config), mode], capture_output=True, text=True, timeout=180, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+        if mode == "fresh":  # rewind: as if the run had stopped after the checkpoint of step 2
+            (ckpts / "latest").write_text("step_000002\n")
+            shutil.rmtree(ckpts / "step_000004")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["resumed_from_step"] == 2
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)
+    a, b = (masa.load(tmp_path / name / "final").state_dict() for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    with pytest.raises(
+        ConfigError, match="train.parallel = 'fsdp' shards the model over processes: run under torchrun"
+    ):
+        train(TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="fsdp")))
+    with pytest.raises(ConfigError, match="train.parallel 'zero' is unknown: use one of ddp, fsdp"):
+        TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="zero"))

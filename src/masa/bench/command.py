@@ -122,6 +122,41 @@ def run_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_vit_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench vit`."""
+    parser = benchmarks.add_parser(
+        "vit",
+        help="train every attention variant of a small ViT on an image set at equal budget",
+        description="Train dense, GQA, low-rank, sequential/cyclic sharing and MASA ViTs on the same images "
+        "(the bundled digits by default); write OUT/results.json, OUT/results.md and a plot of top-1 "
+        "accuracy against attention parameters.",
+    )
+    parser.add_argument("--preset", default="", help="TOML file (default: the bundled bench_vit_digits)")
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a preset value, e.g. train.epochs=5 or bench.data=cifar-10-batches-bin; repeatable",
+    )  # fmt: skip
+    parser.set_defaults(func=run_vit)
+
+
+def run_vit(args: argparse.Namespace) -> int:
+    """Run `masa bench vit` for parsed arguments; prints the table."""
+    from masa.bench.vit_suite import PRESET, RESULTS_MD, VitSuiteConfig, run_vit_suite
+
+    config = VitSuiteConfig.from_toml(args.preset or PRESET, args.overrides)
+    words = ["masa", "bench", "vit", "--seeds", str(args.seeds), "--out", args.out]
+    words += (["--preset", args.preset] if args.preset else []) + [
+        w for o in args.overrides for w in ("--set", o)
+    ]
+    run_vit_suite(config, args.seeds, args.out, shlex.join(words))
+    print((Path(args.out) / RESULTS_MD).read_text())
+    return 0
+
+
 def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
     """Register `masa bench compress` (its module is imported only here, when the CLI is built)."""
     from masa.bench.compress_suite import add_parser as add_compress
@@ -132,6 +167,7 @@ def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
 BENCHMARKS = (
     add_train_parser,
     add_speed_parser,
+    add_vit_parser,
     add_compress_parser,
 )  # one registration function per benchmark
 

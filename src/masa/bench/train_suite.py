@@ -33,7 +33,7 @@ from masa.model.config import VARIANT_KNOB
 from masa.train.config import FILLED_MODEL_KEYS, ConfigError, TrainRunConfig, _checked, apply_overrides
 from masa.train.trainer import CHECKPOINT_DIR, METRICS_FILE, train
 
-SUITES = ("table1", "ablation")
+SUITES = ("table1", "ablation", "generator")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 PPL_PLOT, CURVES_PLOT = "ppl_vs_attention_params.png", "loss_curves.png"
 RUN_RECORD = "bench_run.json"  # a finished run's configuration and scores, beside its trainer output
@@ -46,6 +46,7 @@ _FIXED = (
     "method",
     "attention",
     "knob",
+    "coefficients",
     "attention_params",
     "attention_ratio",
     "total_params",
@@ -110,10 +111,14 @@ class RunSpec:
     attention: str
     target_ratio: float | None = None  # the knob is chosen to meet this attention compression
     n_atoms: int | None = None  # masa-*: dictionary size S, used instead of a budget
+    coef_generator: bool | None = None  # masa-*: generator or plain coefficients; None = bench's choice
 
     @property
     def label(self) -> str:
-        return f"{self.attention}-S{self.n_atoms}" if self.n_atoms else self.attention
+        label = f"{self.attention}-S{self.n_atoms}" if self.n_atoms else self.attention
+        if self.coef_generator is None:
+            return label
+        return label + ("-generator" if self.coef_generator else "-plain")
 
 
 def suite_runs(suite: str, n_layer: int, target_ratio: float) -> list[RunSpec]:
@@ -121,12 +126,19 @@ def suite_runs(suite: str, n_layer: int, target_ratio: float) -> list[RunSpec]:
 
     table1: dense, the four baselines at ``target_ratio``, masa-qkv and masa-qkvo with S = L/3.
     ablation: dense (reference), masa-qkv and masa-qkvo with S = L/6, L/3, L/2, 2L/3.
+    generator: dense (reference), masa-qkv and masa-qkvo with S = L/3, each with the generator MLP
+    and with plain coefficients.
     """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: use one of {', '.join(SUITES)}")
     dense = RunSpec("dense", target_ratio)
+    s = max(1, round(n_layer / 3))
+    if suite == "generator":
+        masa = [
+            RunSpec(a, n_atoms=s, coef_generator=g) for a in ("masa-qkv", "masa-qkvo") for g in (True, False)
+        ]
+        return [dense, *masa]
     if suite == "table1":
-        s = max(1, round(n_layer / 3))
         baselines = [RunSpec(attention, target_ratio) for attention in _BASELINES]
         return [dense, *baselines, RunSpec("masa-qkv", n_atoms=s), RunSpec("masa-qkvo", n_atoms=s)]
     sizes = sorted({max(1, round(n_layer * f)) for f in _ABLATION_FRACTIONS})
@@ -139,6 +151,8 @@ def variant_config(spec: RunSpec, base: MasaLMConfig, coef_generator: bool) -> M
         config, _ = configure_for_budget(base, spec.attention, spec.target_ratio)
     else:
         config = dataclasses.replace(base, attention=spec.attention, n_atoms=spec.n_atoms)
+    if spec.coef_generator is not None:
+        coef_generator = spec.coef_generator
     if coef_generator and spec.attention.startswith("masa"):
         config = dataclasses.replace(config, coef_generator=True)
     return config
@@ -154,6 +168,13 @@ def method_name(config: MasaLMConfig) -> str:
     """The variant and its knob, e.g. ``masa-qkvo S=4`` (``dense`` alone)."""
     knob = knob_text(config)
     return config.attention if knob == "-" else f"{config.attention} {knob}"
+
+
+def coefficient_kind(config: MasaLMConfig) -> str:
+    """How a masa model learns its coefficients (``generator`` or ``plain``); ``-`` for other variants."""
+    if not config.attention.startswith("masa"):
+        return "-"
+    return "generator" if config.coef_generator else "plain"
 
 
 def _device(preference: str) -> torch.device:
@@ -265,13 +286,15 @@ def run_suite(
     for seed in seed_list:
         for spec in specs:
             model = models[spec.label]
-            folder = spec.label + ("-plain" if spec.n_atoms and not model.coef_generator else "")
+            plain = spec.n_atoms and not model.coef_generator and spec.coef_generator is None
+            folder = spec.label + ("-plain" if plain else "")
             run_dir = Path(config.run.train.out_dir) / suite / folder / f"seed{seed}"
             record = {
                 "label": spec.label,
                 "method": method_name(model),
                 "attention": spec.attention,
                 "knob": knob_text(model),
+                "coefficients": coefficient_kind(model),
                 "seed": seed,
             }
             run = run_config(config.run, model, seed, run_dir)
@@ -349,6 +372,8 @@ def markdown_report(results: dict[str, Any]) -> str:
     model, data, tc, bench = cfg["model"], cfg["data"], cfg["train"], cfg["bench"]
     first = runs[0]
     coefficients = "from the generator MLP (collapsed after training)" if bench["coef_generator"] else "plain"
+    if results["suite"] == "generator":
+        coefficients = "from the generator MLP (collapsed after training) or plain, as the table says"
     held_out = tc["batch_size"] * min(
         tc["eval_batches"], (first["valid_tokens"] - 1) // data["seq_len"] // tc["batch_size"]
     )  # windows the trainer's evaluation scores
@@ -384,13 +409,14 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
     ]
     headers = [
-        "method", "knob", "attn params", "attn compr.", "total params", "held-out ppl",
+        "method", "knob", "coefficients", "attn params", "attn compr.", "total params", "held-out ppl",
         f"{bench['eval_text']} ppl", "tokens/s", "x dense", "peak MB", "wall s", "epochs",
     ]  # fmt: skip
     rows = [
         [
             m["attention"],
             m["knob"],
+            m.get("coefficients", "-"),
             f"{m['attention_params']:,}",
             f"{m['attention_ratio']:.1%}",
             f"{m['total_params']:,}",

@@ -6,6 +6,7 @@ from masa.model.generate import generate
 from masa.model.hf import from_llama, to_llama
 from masa.model.lm import MasaLM
 from masa.model.variants import attention_ratio, configure_for_budget
+from masa.model.vit import MasaViT, MasaViTConfig
 
 __all__ = [
     "ATTENTION_VARIANTS",
@@ -13,6 +14,8 @@ __all__ = [
     "LowRankLinear",
     "MasaLM",
     "MasaLMConfig",
+    "MasaViT",
+    "MasaViTConfig",
     "attention_ratio",
     "configure_for_budget",
     "from_llama",

@@ -64,10 +64,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped K/V heads; projections named as in Llama."""
+    """Multi-head attention with grouped K/V heads; projections named as in Llama.
 
-    def __init__(self, config: MasaLMConfig):
+    Causal with rotary positions in the LM; ``causal=False`` and no rotary tables in the ViT encoder.
+    """
+
+    def __init__(self, config: MasaLMConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         d, d_kv = config.d_model, config.kv_heads * config.head_dim
         self.q_proj = projection(config, d, d)
@@ -75,16 +79,17 @@ class Attention(nn.Module):
         self.v_proj = projection(config, d, d_kv)
         self.o_proj = projection(config, d, d)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.n_kv_head != self.n_head:  # each K/V head serves n_head / n_kv_head consecutive query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, T, hd)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def projections(self) -> list[nn.Module]:

@@ -24,8 +24,30 @@ _INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 _OPTIONAL = {"n_kv_head", "d_ff", "gqa_groups", "rank", "n_unique", "n_atoms"}
 
 
+class AttentionShape:
+    """Derived sizes shared by the LM and ViT configs (fields d_model, n_head, n_kv_head, d_ff, gqa_groups)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Resolved number of K/V heads."""
+        if self.n_kv_head is not None:
+            return self.n_kv_head
+        return self.n_head // self.gqa_groups if self.attention == "gqa" else self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        """Resolved MLP hidden size: d_ff, or 8/3 d_model rounded up to a multiple of 64."""
+        if self.d_ff is not None:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
 @dataclass
-class MasaLMConfig:
+class MasaLMConfig(AttentionShape):
     """Shape of a pre-norm decoder LM (Llama layout) and its attention variant.
 
     Defaults are the paper's 110M model (L=12, d=768) with a Llama-2-sized vocabulary.
@@ -106,52 +128,7 @@ class MasaLMConfig:
                 raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected {expected}")
 
     def _check_variant(self) -> None:
-        if self.attention not in ATTENTION_VARIANTS:
-            raise ValueError(
-                f"attention={self.attention!r} is unknown: choose one of {', '.join(ATTENTION_VARIANTS)}"
-            )
-        knob = VARIANT_KNOB[self.attention]
-        for other in sorted(set(VARIANT_KNOB.values()) - {None, knob}):
-            if getattr(self, other) is not None:
-                raise ValueError(f"{other} is not used by attention={self.attention!r}: leave it None")
-        if self.coef_generator and not self.attention.startswith("masa"):
-            raise ValueError(f"coef_generator only applies to masa-* attention, not {self.attention!r}")
-        if knob is None:
-            return
-        value = getattr(self, knob)
-        if value is None:
-            raise ValueError(
-                f"attention={self.attention!r} needs {knob}: set it (or use masa.model.configure_for_budget)"
-            )
-        upper = {"gqa_groups": self.n_head, "rank": self.d_model}.get(knob, self.n_layer)
-        if not 1 <= value <= upper:
-            raise ValueError(f"{knob}={value} is out of range for this model: it must lie in [1, {upper}]")
-        if knob == "gqa_groups":
-            if self.n_head % value:
-                raise ValueError(f"gqa_groups={value} must divide n_head={self.n_head}")
-            if self.n_kv_head is not None and self.n_kv_head != self.n_head // value:
-                raise ValueError(
-                    f"n_kv_head={self.n_kv_head} contradicts gqa_groups={value} "
-                    f"(n_head / gqa_groups = {self.n_head // value}): leave n_kv_head None"
-                )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        """Resolved number of K/V heads."""
-        if self.n_kv_head is not None:
-            return self.n_kv_head
-        return self.n_head // self.gqa_groups if self.attention == "gqa" else self.n_head
-
-    @property
-    def ff_dim(self) -> int:
-        """Resolved MLP hidden size: d_ff, or 8/3 d_model rounded up to a multiple of 64."""
-        if self.d_ff is not None:
-            return self.d_ff
-        return -(-(8 * self.d_model // 3) // 64) * 64
+        check_attention_variant(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field plus ``model_type``."""
@@ -171,3 +148,35 @@ class MasaLMConfig:
         if unknown:
             raise ValueError(f"unknown MasaLMConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
         return cls(**d)
+
+
+def check_attention_variant(config: Any) -> None:
+    """Validate ``attention``, its knob and ``coef_generator`` of any config with the variant fields."""
+    if config.attention not in ATTENTION_VARIANTS:
+        raise ValueError(
+            f"attention={config.attention!r} is unknown: choose one of {', '.join(ATTENTION_VARIANTS)}"
+        )
+    knob = VARIANT_KNOB[config.attention]
+    for other in sorted(set(VARIANT_KNOB.values()) - {None, knob}):
+        if getattr(config, other) is not None:
+            raise ValueError(f"{other} is not used by attention={config.attention!r}: leave it None")
+    if config.coef_generator and not config.attention.startswith("masa"):
+        raise ValueError(f"coef_generator only applies to masa-* attention, not {config.attention!r}")
+    if knob is None:
+        return
+    value = getattr(config, knob)
+    if value is None:
+        raise ValueError(
+            f"attention={config.attention!r} needs {knob}: set it (or use masa.model.configure_for_budget)"
+        )
+    upper = {"gqa_groups": config.n_head, "rank": config.d_model}.get(knob, config.n_layer)
+    if not 1 <= value <= upper:
+        raise ValueError(f"{knob}={value} is out of range for this model: it must lie in [1, {upper}]")
+    if knob == "gqa_groups":
+        if config.n_head % value:
+            raise ValueError(f"gqa_groups={value} must divide n_head={config.n_head}")
+        if config.n_kv_head is not None and config.n_kv_head != config.n_head // value:
+            raise ValueError(
+                f"n_kv_head={config.n_kv_head} contradicts gqa_groups={value} "
+                f"(n_head / gqa_groups = {config.n_head // value}): leave n_kv_head None"
+            )

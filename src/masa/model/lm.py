@@ -50,19 +50,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block. ``shared_attn``: reuse a module owned elsewhere (not registered here)."""
+    """Pre-norm block. ``shared_attn``: reuse a module owned elsewhere (not registered here).
 
-    def __init__(self, config: MasaLMConfig, shared_attn: Attention | None = None):
+    Decoder (causal, rotary) in the LM; encoder (``causal=False``, ``cos = sin = None``) in the ViT.
+    """
+
+    def __init__(self, config: MasaLMConfig, shared_attn: Attention | None = None, causal: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         if shared_attn is None:
-            self.self_attn = Attention(config)
+            self.self_attn = Attention(config, causal)
         else:
             object.__setattr__(self, "self_attn", shared_attn)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -128,17 +131,22 @@ class MasaLM(nn.Module):
 
     def attention_parameters(self) -> list[nn.Parameter]:
         """Unique parameters of all attention projections; shared atoms (and a coefficient generator) once."""
-        seen: dict[int, nn.Parameter] = {}
-        for block in self.layers:
-            for proj in block.self_attn.projections():
-                params = list(proj.parameters())
-                dictionary = getattr(proj, "dictionary", None)  # SharedLinear: atoms live in the bank
-                if dictionary is not None:
-                    params += list(dictionary.parameters())
-                seen.update((id(p), p) for p in params)
-        return list(seen.values())
+        return attention_parameters(self.layers)
 
     def dense_attention_params(self) -> int:
         """Attention parameters of this shape with dense multi-head attention: L (2 d^2 + 2 d d_kv), d_kv = d."""
         d = self.config.d_model
         return self.config.n_layer * 4 * d * d
+
+
+def attention_parameters(blocks: nn.ModuleList) -> list[nn.Parameter]:
+    """Unique parameters of the blocks' attention projections; shared atoms (and a generator) once."""
+    seen: dict[int, nn.Parameter] = {}
+    for block in blocks:
+        for proj in block.self_attn.projections():
+            params = list(proj.parameters())
+            dictionary = getattr(proj, "dictionary", None)  # SharedLinear: atoms live in the bank
+            if dictionary is not None:
+                params += list(dictionary.parameters())
+            seen.update((id(p), p) for p in params)
+    return list(seen.values())

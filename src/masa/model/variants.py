@@ -19,14 +19,15 @@ import torch
 from masa.budget import atoms_for_ratio, check_ratio, rank_for_ratio
 from masa.model.config import ATTENTION_VARIANTS, VARIANT_KNOB, MasaLMConfig
 from masa.model.lm import MasaLM
+from masa.model.vit import MasaViT, MasaViTConfig
 
 _MASA_QKV_MAX = 0.75  # share of Q, K, V in dense MHA attention parameters
 
 
-def attention_ratio(config: MasaLMConfig) -> float:
-    """Exact attention compression ratio of ``config`` against dense multi-head attention."""
+def attention_ratio(config: MasaLMConfig | MasaViTConfig) -> float:
+    """Exact attention compression ratio of ``config`` (LM or ViT) against dense multi-head attention."""
     with torch.device("meta"):
-        model = MasaLM(config)
+        model = MasaViT(config) if isinstance(config, MasaViTConfig) else MasaLM(config)
     stored = sum(p.numel() for p in model.attention_parameters())
     return 1.0 - stored / model.dense_attention_params()
 
@@ -51,8 +52,8 @@ def _knob_guess(base: MasaLMConfig, attention: str, ratio: float) -> list[int]:
 
 
 def configure_for_budget(
-    base: MasaLMConfig, attention: str, target_ratio: float
-) -> tuple[MasaLMConfig, float]:
+    base: MasaLMConfig | MasaViTConfig, attention: str, target_ratio: float
+) -> tuple[MasaLMConfig | MasaViTConfig, float]:
     """Config of ``base``'s shape with ``attention`` whose knob meets ``target_ratio`` most closely.
 
     The base's own variant, knobs and ``n_kv_head`` are dropped (the budget is relative to dense

@@ -27,11 +27,16 @@ class CoefficientGenerator(nn.Module):
 
     Produces the (n_blocks x n_atoms) coefficient matrix of one dictionary. After training it is
     collapsed into plain per-layer coefficients (:meth:`AtomDictionary.collapse_generator`).
+
+    Initialisation (DESIGN 2.10): block embeddings N(0, 1), a zero output bias, and the last layer
+    rescaled so that the generated coefficients have std 1/sqrt(S), the scale of plain coefficients.
+    Every block then starts with its own coefficients; a shared output bias with a shrunken last
+    layer (the first version) started every block with the same Q/K/V/O.
     """
 
     def __init__(self, n_blocks: int, n_atoms: int, embed_dim: int = 64, hidden: int = 64):
         super().__init__()
-        self.embedding = nn.Parameter(torch.randn(n_blocks, embed_dim) / math.sqrt(embed_dim))
+        self.embedding = nn.Parameter(torch.randn(n_blocks, embed_dim))
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, hidden),
             nn.GELU(),
@@ -39,12 +44,11 @@ class CoefficientGenerator(nn.Module):
             nn.GELU(),
             nn.Linear(hidden, n_atoms),
         )
-        # Start near the plain-coefficient init scale (std 1/sqrt(S)). The bias is shared by every
-        # block, so all blocks start with nearly the same coefficients; spreading them by scaling the
-        # last layer (so each block starts with its own) trained worse in docs/results/train/README.md.
         with torch.no_grad():
-            self.mlp[-1].weight.mul_(0.1)
-            self.mlp[-1].bias.normal_(0.0, 1.0 / math.sqrt(n_atoms))
+            last = self.mlp[-1]
+            last.bias.zero_()
+            spread = self.mlp(self.embedding).std()  # over every (block, atom) entry; a tensor, so meta works
+            last.weight.div_(spread * math.sqrt(n_atoms))
 
     def forward(self) -> torch.Tensor:
         return self.mlp(self.embedding)  # (n_blocks, n_atoms)

@@ -75,13 +75,14 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     state: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write the checkpoint of `step` atomically, point `latest` at it, keep the newest `keep` checkpoints.
 
-    `model` must be the bare model (not a DDP wrapper); `state` is JSON data stored in `state.json`.
+    `model` must be the bare model (not a DDP wrapper); `optimizer` an optimizer or its (full) state dict;
+    `state` is JSON data stored in `state.json`.
     A full disk raises `NoSpaceError` naming the file; the previous checkpoint stays as it was.
     """
     run_dir = Path(run_dir)
@@ -99,7 +100,7 @@ def save_checkpoint(
         save_weights(model, writing)  # tied weights stored once, aliases in the metadata
         writing = tmp / OPTIMIZER_NAME
         with open(writing, "wb") as fh:  # a file object: a full disk surfaces as OSError(ENOSPC)
-            torch.save(optimizer.state_dict(), fh)
+            torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), fh)
         writing = tmp / STATE_NAME
         writing.write_text(json.dumps({**state, "step": step}, indent=1))
         seal(tmp)  # ordinary permissions, flushed to disk

@@ -18,8 +18,10 @@ from typing import Any
 
 from masa.data.tokenizer import TOKENIZER_KINDS
 from masa.model import MasaLMConfig
+from masa.train.groups import check_multipliers
 
 DTYPES = ("float32", "bfloat16")
+PARALLEL = ("ddp", "fsdp")  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
 FILLED_MODEL_KEYS = ("vocab_size",)  # set from the tokenizer, never by the user
 
 
@@ -69,6 +71,8 @@ class TrainConfig:
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_fraction: float = 0.1  # fraction of steps of linear warmup (the paper's 10 %)
     weight_decay: float = 0.1  # AdamW decay on matrices (not norms, biases, coefficients)
+    lr_mult: dict[str, float] = field(default_factory=dict)  # kind -> lr multiplier, e.g. {atoms = 2.0}
+    wd_mult: dict[str, float] = field(default_factory=dict)  # kind -> decay multiplier (see train.groups)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     eval_every: int = 100  # steps between held-out evaluations (and at the end)
@@ -80,6 +84,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # autocast dtype: "float32" or "bfloat16"
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded; needs torchrun)
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.token_budget < 0 or self.max_steps == self.token_budget == 0:
@@ -100,6 +105,15 @@ class TrainConfig:
             raise ConfigError(f"train.betas {self.betas} must lie in [0, 1), e.g. [0.9, 0.999]")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        try:
+            check_multipliers("lr_mult", self.lr_mult)
+            check_multipliers("wd_mult", self.wd_mult)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self.parallel not in PARALLEL:
+            raise ConfigError(
+                f"train.parallel {self.parallel!r} is unknown: use one of {', '.join(PARALLEL)}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"train.dtype {self.dtype!r} is unsupported: use one of {', '.join(DTYPES)}")
 
@@ -180,7 +194,10 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of `raw` with each `section.key=value` override applied (value parsed as TOML)."""
+    """A copy of `raw` with each `section.key=value` override applied (value parsed as TOML).
+
+    A dotted key sets one entry of a sub-table: `train.lr_mult.atoms=2`.
+    """
     raw = {name: dict(table) if isinstance(table, dict) else table for name, table in raw.items()}
     for item in overrides:
         target, sep, text = item.partition("=")
@@ -192,6 +209,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"override {item!r}: [{section}] is not a table")
+        key, dot, entry = key.strip().partition(".")
+        if dot:
+            sub = table.get(key, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"override {item!r}: {section}.{key} is not a table")
+            table[key] = sub = dict(sub)
+            table, key = sub, entry
         table[key] = _parse_value(text.strip())
     return raw
 
@@ -229,6 +253,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
     elif origin is list and isinstance(value, (list, tuple)):
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     elif origin is tuple and isinstance(value, (list, tuple)):
         kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(kinds) == len(value):

@@ -36,11 +36,13 @@ from masa.data.corpus import (
 from masa.data.tokenizer import tokenizer_hash, train_tokenizer, vocab_size
 from masa.io import write_json
 from masa.io.lock import directory_lock
-from masa.model import MasaLM
+from masa.model import MasaLM, MasaLMConfig
 from masa.runtime import forward_logits
 from masa.train.checkpoint import save_checkpoint
 from masa.train.config import ConfigError, DataConfig, TrainConfig, TrainRunConfig
 from masa.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from masa.train.fsdp import full_state, load_full_state, shard_model
+from masa.train.groups import param_groups
 from masa.train.progress import Progress
 from masa.train.resume import check_resumable, data_fingerprint, load_resume_point
 from masa.train.rundir import (
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
-_NO_DECAY_PARTS = ("coefficient", "generator")  # MASA coefficients and the MLP producing them
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_fraction: float) -> float:
@@ -67,17 +68,6 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_fraction
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup - 1))  # 0 -> 1 over the decay
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices (and atom banks); no decay on norms, biases, 1-D params, coefficients."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():  # shared parameters appear once
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(part in name for part in _NO_DECAY_PARTS)
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -145,7 +135,7 @@ def train(config: TrainRunConfig, resume: bool = False, overwrite: bool = False)
 
     An out_dir that already holds a run is refused unless `resume` (continue from the newest readable
     checkpoint; a fresh start when there is none) or `overwrite` (start again). Another process
-    training into the same out_dir is refused. Run it under torchrun for data parallelism.
+    training into the same out_dir is refused. Run it under torchrun for data parallelism (``train.parallel``: "ddp", or "fsdp" to shard with FSDP2).
     """
     env = init_distributed(config.train.device)
     try:
@@ -153,6 +143,15 @@ def train(config: TrainRunConfig, resume: bool = False, overwrite: bool = False)
             return _train(config, env, resume, overwrite)
     finally:
         shutdown(env)
+
+
+def unsharded(model_config: MasaLMConfig, weights: dict[str, torch.Tensor]) -> MasaLM:
+    """A plain (unsharded) model holding ``weights``, built without initialising anything."""
+    with torch.device("meta"):
+        model = MasaLM(model_config)
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    return model
 
 
 def _train_step(
@@ -163,14 +162,22 @@ def _train_step(
     tc: TrainConfig,
     env: DistEnv,
 ) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean training loss over all ranks."""
+    """One optimizer step over `grad_accum` micro-batches; returns the mean training loss over all ranks.
+
+    Gradients are synchronised on the last micro-batch only (DDP's ``no_sync``; FSDP2's gradient sync flag).
+    """
+    fsdp = env.active and tc.parallel == "fsdp"
     torch.manual_seed(_step_seed(tc.seed, step, env.rank))  # dropout and the like: a function of the step
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=tc.dtype == "bfloat16")
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(tc.grad_accum):
         x, y = (t.to(env.device) for t in sampler.batch(step, micro, env.rank))  # (B, T) each
         last = micro == tc.grad_accum - 1
-        with nullcontext() if last or not env.active else ddp.no_sync():  # all-reduce on the last only
+        if fsdp:
+            ddp.set_requires_gradient_sync(last)
+        with (
+            nullcontext() if last or not env.active or fsdp else ddp.no_sync()
+        ):  # all-reduce on the last only
             with autocast:
                 logits = forward_logits(ddp, x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -194,10 +201,22 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
     check_validation_length(splits.valid, seq_len, tc.batch_size)
     total = tc.max_steps or math.ceil(tc.token_budget / sampler.tokens_per_step)
 
+    fsdp = tc.parallel == "fsdp"
+    if fsdp and not env.active:
+        raise ConfigError(
+            "train.parallel = 'fsdp' shards the model over processes: run under torchrun with 2 or more "
+            "(torchrun --nproc_per_node 2 -m masa.cli train ...), or use train.parallel = 'ddp' (the default)"
+        )
     torch.manual_seed(tc.seed)
     model_config = config.model_config(vocab_size(tok))
     model = MasaLM(model_config).to(env.device)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
+    if fsdp:
+        shard_model(model)  # before the optimizer, which must hold the sharded parameters
+    try:
+        groups = param_groups(model, tc.weight_decay, tc.lr_mult, tc.wd_mult)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
     fingerprint = data_fingerprint(tokenizer_hash(tok), splits.train, splits.valid)
     start, elapsed_before = 0, 0.0
     checkpoint, skipped = load_resume_point(ckpt_dir, env.device) if resume else (None, [])
@@ -205,12 +224,15 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
         check_resumable(checkpoint, config.to_dict(), model_config.to_dict(), fingerprint)
         for warning in skipped if env.is_main else []:
             log.warning(warning)
-        model.load_state_dict(checkpoint.weights)
-        optimizer.load_state_dict(checkpoint.optimizer)
+        if fsdp:
+            load_full_state(model, optimizer, checkpoint.weights, checkpoint.optimizer)
+        else:
+            model.load_state_dict(checkpoint.weights)
+            optimizer.load_state_dict(checkpoint.optimizer)
         start, elapsed_before = checkpoint.state["step"], checkpoint.state["elapsed_s"]
     if env.is_main:
         restart_metrics(log_path, start)  # a fresh run (start 0) starts a fresh log
-    ddp = DistributedDataParallel(model) if env.active else model
+    ddp = DistributedDataParallel(model) if env.active and not fsdp else model
 
     record: dict[str, Any] = {}
     val_loss = None
@@ -219,7 +241,7 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
     for step in range(start, total):
         lr = lr_at(step, total, tc.lr, tc.min_lr, tc.warmup_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         train_loss = _train_step(ddp, optimizer, sampler, step, tc, env)
         done, now = step + 1, time.perf_counter() - t0
         tokens_per_s = (done - start) * sampler.tokens_per_step / now
@@ -242,7 +264,10 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
                 record.update(val_loss=val_loss, val_ppl=math.exp(val_loss))
             if env.is_main:
                 append_metrics(log_path, record)
-        if env.is_main and ((tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total):
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == total:
+            weights, optim = full_state(model, optimizer) if fsdp else (None, optimizer)  # every rank gathers
+            if not env.is_main:
+                continue
             state = {
                 "tokens": done * sampler.tokens_per_step,
                 "elapsed_s": elapsed_before + now,
@@ -250,7 +275,8 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
                 "model_config": model_config.to_dict(),
                 "data": fingerprint,
             }
-            save_checkpoint(ckpt_dir, done, model, optimizer, state, tc.keep_checkpoints)
+            saved = unsharded(model_config, weights) if fsdp else model
+            save_checkpoint(ckpt_dir, done, saved, optim, state, tc.keep_checkpoints)
     progress.close()
     wall = time.perf_counter() - t0
     if val_loss is None:  # resumed a finished run: nothing trained, score it anyway
@@ -274,9 +300,13 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
         "out_dir": str(out_dir),
         "model_dir": str(out_dir / FINAL_DIR),
     }
+    final = model
+    if fsdp:
+        weights, _ = full_state(model, optimizer)  # every rank gathers; rank 0 saves
+        final = unsharded(model_config, weights) if env.is_main else model
     if env.is_main:
-        masa.collapse_generators(model)  # keep only the coefficients the generator produced (paper, 2.1)
-        masa.save(model, out_dir / FINAL_DIR, tokenizer=tok, info={"training": summary}, overwrite=True)
+        masa.collapse_generators(final)  # keep only the coefficients the generator produced (paper, 2.1)
+        masa.save(final, out_dir / FINAL_DIR, tokenizer=tok, info={"training": summary}, overwrite=True)
         write_json(out_dir / SUMMARY_FILE, summary)
     barrier(env)
     return summary
