@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -131,3 +132,27 @@ def test_bad_compensation_is_an_error_naming_the_fix(setup):
         compress(copy.deepcopy(base), CompressConfig("svd", 0.4, compensate="eora:40"), tokens, stats=stats)
     with pytest.raises(ValueError, match="leave nothing of the budget"):
         compress(copy.deepcopy(base), CompressConfig("svd", 0.4, compensate="eora:12"), tokens, stats=stats)
+
+
+def test_cli_compress_with_eora_then_compensate_a_compressed_model(saved_llama, capsys):
+    from masa import cli
+
+    root = saved_llama
+    common = ["--calib", str(root / "calib.txt"), "--calib-samples", "4", "--calib-len", "32"]
+    args = ["compress", str(root / "base"), "--method", "svd", "--ratio", "0.4", *common, "--no-cache"]
+    assert cli.main([*args, "--compensate", "eora", "--out", str(root / "eora")]) == 0
+    block = json.loads((root / "eora" / "config.json").read_text())["masa"]
+    assert (
+        block["compensate"] == "eora"
+        and abs(masa.count(masa.load(root / "eora")).attention_ratio - 0.4) <= 0.01
+    )
+    assert cli.main([*args, "--out", str(root / "plain")]) == 0
+    capsys.readouterr()
+    compensate = ["compensate", str(root / "plain"), "--original", str(root / "base"), *common]
+    assert cli.main([*compensate, "--rank", "2", "--out", str(root / "fixed")]) == 0
+    model = masa.load(root / "fixed")
+    assert f"-> {masa.count(model).attention_ratio:.4f}" in capsys.readouterr().out
+    assert sum(isinstance(m, CompensatedLinear) for m in model.modules()) == 8  # q, k, v, o of 2 blocks
+    assert json.loads((root / "fixed" / "config.json").read_text())["masa"]["compensation"]["rank"] == 2
+    twice = ["compensate", str(root / "fixed"), *compensate[2:], "--rank", "1", "--out", str(root / "twice")]
+    assert cli.main(twice) == 2 and "no compressed layer" in capsys.readouterr().err

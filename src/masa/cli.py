@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.compress.command",
         "compress a saved model without training (svd, asvd, svd-llm, masa ...)",
     ),
+    "compensate": (
+        "masa.compress.compensate_command",
+        "add low-rank EoRA corrections to an already compressed model (calibrates again)",
+    ),
     "eval": (
         "masa.eval.command",
         "perplexity of a saved model (and fidelity to a reference model)",

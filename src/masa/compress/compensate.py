@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,10 @@ from torch import nn
 
 from masa.arch.adapters import set_submodule
 from masa.budget import spend
-from masa.compress.calibration import CalibrationStats
+from masa.compress.calibration import CalibrationStats, calibrate
 from masa.compress.config import CompressConfig, parse_compensation
 from masa.compress.install import Replacement, install
-from masa.compress.layout import Layout
+from masa.compress.layout import Layout, resolve_layout
 from masa.compress.methods.lowrank import per_input
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
 from masa.nn.protocol import MasaLinear
@@ -202,3 +203,56 @@ def compensated(method, layout: Layout, stats: CalibrationStats, config: Compres
         "tried": [{k: v for k, v in c.items() if k not in ("replacement", "approx", "ranks")} for c in tried],
     }
     return result
+
+
+def compressed_layers(model: nn.Module) -> list[str]:
+    """Names of the outermost masa layers of ``model`` that compression put there (not yet compensated)."""
+    from masa.nn.compensated import CompensatedLinear
+    from masa.nn.fused import SplitLinear
+
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, MasaLinear) and not isinstance(module, SplitLinear):
+            inside = name + "."
+            if not isinstance(module, CompensatedLinear):
+                names.append(name)
+    return names
+
+
+@torch.no_grad()
+def compensate_model(
+    model: nn.Module, original: nn.Module, tokens: torch.Tensor, amount: int | float
+) -> dict:
+    """Add EoRA corrections to an already compressed ``model`` in place, fitted against ``original`` (its
+    uncompressed source) on calibration ``tokens`` (N, T): rank ``amount`` per layer (an int), or that
+    fraction (a float) of the layers' stored numbers spent on them. Returns the ratios and ranks."""
+    names = compressed_layers(model)
+    if not names:
+        raise ValueError(
+            "the model has no compressed layer to compensate (nothing masa replaced, or every layer already "
+            "carries a correction): compress it first with masa compress"
+        )
+    layout = resolve_layout(original, CompressConfig("svd", 0.5, targets=tuple(re.escape(n) for n in names)))
+    dense = sum(t.dense for t in layout.targets)
+    for t in layout.targets:
+        if t.shape != (model.get_submodule(t.name).out_features, model.get_submodule(t.name).in_features):
+            raise ValueError(
+                f"{t.name} has another shape in the original model: give the model it was compressed from"
+            )
+    stored = sum(stored_numbers(model.get_submodule(n)) for n in names)
+    stats = calibrate(original, tokens, names)
+    weights = {n: model.get_submodule(n).weight.detach().to(torch.float64) for n in names}
+    if isinstance(amount, int):
+        ranks = uniform_ranks(layout, amount)
+    else:
+        ranks = spread_ranks(layout, residual_spectra(layout, stats, weights), math.floor(amount * stored))
+    install(model, corrections(layout, stats, weights, ranks))
+    after = sum(stored_numbers(model.get_submodule(n)) for n in names)
+    return {
+        "modules": len(names),
+        "ratio_before": 1.0 - stored / dense,
+        "ratio_after": 1.0 - after / dense,
+        "ranks": {n: r for n, r in ranks.items() if r > 0},
+    }
