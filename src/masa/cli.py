@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.compress.compensate_command",
         "add low-rank EoRA corrections to an already compressed model (calibrates again)",
     ),
+    "heal": (
+        "masa.heal.command",
+        "heal a compressed model: train its new small parameters to match the original model's logits",
+    ),
     "eval": (
         "masa.eval.command",
         "perplexity of a saved model (and fidelity to a reference model)",
