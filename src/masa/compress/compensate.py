@@ -35,7 +35,7 @@ from masa.compress.methods.lowrank import per_input
 from masa.compress.whitening import cholesky_factor, whitened_lowrank
 from masa.nn.protocol import MasaLinear
 
-SPLITS = (0.0, 0.05, 0.1, 0.2, 0.3)  # fractions of the stored budget tried for the corrections
+SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # fractions of the stored budget tried for the corrections
 
 
 @dataclass
