@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.eval.command",
         "perplexity of a saved model (and fidelity to a reference model)",
     ),
+    "lm-eval": (
+        "masa.eval.lm_eval_command",
+        "zero-shot accuracy through lm-evaluation-harness (pip install masa[eval])",
+    ),
     "demo": (
         "masa.commands.demo",
         "train a tiny dense and a tiny MASA model on bundled text and compare them",

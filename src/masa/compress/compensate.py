@@ -154,7 +154,7 @@ def _candidate(method, layout: Layout, stats: CalibrationStats, config: Compress
     reserved = sum(r * sum(t.shape) for t, r in zip(layout.targets, fixed.values(), strict=True)) if fixed \
         else share * budget  # fmt: skip
     inner_ratio = 1.0 - (budget - reserved) / dense
-    if not config.ratio <= inner_ratio < 1.0:
+    if inner_ratio >= 1.0:
         raise ValueError(
             f"EoRA's corrections ({reserved:,.0f} numbers) leave nothing of the budget of ratio {config.ratio:.3f} "
             f"({budget:,.0f} numbers) for the method: give a smaller rank or fraction"
