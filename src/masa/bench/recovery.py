@@ -225,13 +225,9 @@ def _user_level(runs: dict, dense: float, config: dict) -> list[str]:
             for k in runs
             if k[0] == "masa" and k[1] == ratio and k[2].startswith("healed")
         ]
-        text = (
-            f"- {ratio:.0%}: masa best training-free / svd-llm plain = {min(free) / base:.2f}"
-            if free
-            else f"- {ratio:.0%}:"
-        )
-        if healed:
-            text += f"; masa best healed / svd-llm plain = {min(healed) / base:.2f}"
+        parts = [f"masa best training-free / svd-llm plain = {min(free) / base:.2f}"] if free else []
+        parts += [f"masa best healed / svd-llm plain = {min(healed) / base:.2f}"] if healed else []
+        text = f"- {ratio:.0%}: " + ("; ".join(parts) or "no masa run")
         lines.append(text)
     return lines
 
