@@ -95,8 +95,7 @@ def count(model: nn.Module) -> ParamCount:
                 if id(p) not in seen:
                     seen.add(id(p))
                     stored += p.numel()
-            if isinstance(module, MasaLinear):
-                stored += module.extra_stored_numel()
+            stored += sum(m.extra_stored_numel() for m in module.modules() if isinstance(m, MasaLinear))
         if dense:
             by_role[role] = (stored, dense)
     fused = _fused_attention(model, blocks, seen)

@@ -27,9 +27,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.compress.command",
         "compress a saved model without training (svd, asvd, svd-llm, masa ...)",
     ),
+    "compensate": (
+        "masa.compress.compensate_command",
+        "add low-rank EoRA corrections to an already compressed model (calibrates again)",
+    ),
+    "heal": (
+        "masa.heal.command",
+        "heal a compressed model: train its new small parameters to match the original model's logits",
+    ),
     "eval": (
         "masa.eval.command",
         "perplexity of a saved model (and fidelity to a reference model)",
+    ),
+    "lm-eval": (
+        "masa.eval.lm_eval_command",
+        "zero-shot accuracy through lm-evaluation-harness (pip install masa[eval])",
     ),
     "demo": (
         "masa.commands.demo",

@@ -164,11 +164,19 @@ def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
     add_compress(benchmarks)
 
 
+def add_recovery_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench recovery` (EoRA and healing; its module is imported only here)."""
+    from masa.bench.recovery import add_parser as add_recovery
+
+    add_recovery(benchmarks)
+
+
 BENCHMARKS = (
     add_train_parser,
     add_speed_parser,
     add_vit_parser,
     add_compress_parser,
+    add_recovery_parser,
 )  # one registration function per benchmark
 
 

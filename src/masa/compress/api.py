@@ -132,12 +132,18 @@ def compress(
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
-    if method.needs:
-        stats, reused = _statistics(model, layout, config, method.needs, calib, tokenizer, stats,
+    needs = (*method.needs, "grams") if config.compensate and "grams" not in method.needs else method.needs
+    if needs:
+        stats, reused = _statistics(model, layout, config, needs, calib, tokenizer, stats,
                                             cache_dir, source, progress, seconds)  # fmt: skip
     start = time.perf_counter()
     with torch.no_grad():
-        replacement = method.fn(layout, stats if method.needs else None, config)
+        if config.compensate:  # EoRA after the method, its numbers in the same budget
+            from masa.compress.compensate import compensated
+
+            replacement = compensated(method, layout, stats, config)
+        else:
+            replacement = method.fn(layout, stats if method.needs else None, config)
     seconds["factorisation"] = time.perf_counter() - start
     install(model, replacement)
     report = replacement.report
@@ -150,7 +156,7 @@ def compress(
             f"{len(names)} targeted modules (biases included, the accounting of docs/compression.md); their shapes are too coarse for this "
             "budget: choose another ratio or more/larger targets"
         )
-    calibration = {**stats.summary(), "reused": reused} if method.needs else None
+    calibration = {**stats.summary(), "reused": reused} if needs else None
     info = {
         "method": config.method,
         "ratio": config.ratio,
@@ -158,6 +164,7 @@ def compress(
         "targets": list(config.targets),
         "exclude": list(config.exclude),
         "options": config.options,
+        "compensate": config.compensate,
         "calibration": calibration,
     }
     return CompressResult(

@@ -60,6 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="method option"
     )
+    parser.add_argument(
+        "--compensate",
+        metavar="eora[:RANK|:FRACTION]",
+        help="add a low-rank EoRA correction per layer within the same ratio (split searched unless given)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument(
@@ -118,9 +123,9 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
 
     config = CompressConfig(
         args.method, args.ratio, tuple(args.targets), tuple(args.exclude), args.calib_samples, args.calib_len,
-        args.seed, dict(args.option),
+        args.seed, dict(args.option), args.compensate,
     )  # fmt: skip
-    needs_calibration = bool(get_method(config.method).needs)
+    needs_calibration = bool(get_method(config.method).needs) or config.compensate is not None
     if needs_calibration and not args.calib:
         raise ValueError(f"method {config.method!r} calibrates: pass --calib FILE or an eval-set name")
     start = time.perf_counter()

@@ -8,6 +8,25 @@ from dataclasses import dataclass, field
 from masa.budget import check_ratio
 
 TARGET_PRESETS = ("attn", "all-linear")
+COMPENSATIONS = ("eora",)
+
+
+def parse_compensation(text: str) -> tuple[str, int | float | None]:
+    """``eora`` -> (``eora``, None): the compression/compensation split is searched; ``eora:16`` -> rank 16
+    for every layer; ``eora:0.2`` -> 20 % of the stored budget spent on the corrections."""
+    kind, _, value = str(text).partition(":")
+    hint = "give eora, eora:RANK (an integer >= 1) or eora:FRACTION (in (0, 1))"
+    if kind not in COMPENSATIONS:
+        raise ValueError(f"unknown compensation {text!r}; {hint}")
+    if not value:
+        return kind, None
+    try:
+        amount = int(value) if value.isdigit() else float(value)
+    except ValueError:
+        raise ValueError(f"compensation {text!r} is not a rank or a fraction; {hint}") from None
+    if (isinstance(amount, int) and amount < 1) or (isinstance(amount, float) and not 0.0 < amount < 1.0):
+        raise ValueError(f"compensation {text!r} is out of range; {hint}")
+    return kind, amount
 
 
 @dataclass
@@ -25,6 +44,8 @@ class CompressConfig:
         seed: seed of any randomness in a method.
         options: method-specific options (e.g. ``alpha`` for asvd, ``refit`` for svd-llm), validated by
             the method.
+        compensate: ``None``, or ``eora[:RANK|:FRACTION]`` (:func:`parse_compensation`): a low-rank
+            correction of each compressed layer's error, its numbers counted in ``ratio``.
     """
 
     method: str
@@ -35,6 +56,7 @@ class CompressConfig:
     calib_len: int = 256
     seed: int = 0
     options: dict = field(default_factory=dict)
+    compensate: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -62,3 +84,5 @@ class CompressConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict of method options, got {self.options!r}")
+        if self.compensate is not None:
+            parse_compensation(self.compensate)

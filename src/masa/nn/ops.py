@@ -99,3 +99,30 @@ def sparse_code(model: nn.Module, op: dict) -> None:
             ),
         )
     surgery.record(model, op)
+
+
+@surgery.register_replay("compensate")
+def compensate(model: nn.Module, op: dict) -> None:
+    """``{"op": "compensate", "modules": [{"module", "rank"}]}``: wrap each layer with its own low-rank
+    correction (:class:`~masa.nn.compensated.CompensatedLinear`, EoRA)."""
+    from masa.nn.compensated import CompensatedLinear
+
+    for entry in op["modules"]:
+        name, inner = entry["module"], model.get_submodule(entry["module"])
+        d_out, d_in = _shape(inner)
+        correction = _lowrank(name, d_out, d_in, entry["rank"], False, _any_tensor(inner))
+        set_submodule(model, name, CompensatedLinear(inner, correction))
+    surgery.record(model, op)
+
+
+def _any_tensor(module: nn.Module) -> torch.Tensor:
+    """A parameter of ``module`` (its weight when it has none) giving the device and dtype of its correction."""
+    param = next(module.parameters(), None)
+    return param if param is not None else linear_weight(module)[0]
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a layer standing for a dense linear map."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    return tuple(linear_weight(module)[0].shape)

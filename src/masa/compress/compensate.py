@@ -1,0 +1,258 @@
+"""EoRA: a low-rank correction of each compressed layer's error, fitted in the geometry of its inputs.
+
+For a layer W (d_out, d_in) compressed to W_hat, with G = X^T X = L L^T its input Gram, the rank-r
+correction B A minimising ||(W - W_hat - B A) X^T||_F is the truncated SVD of (W - W_hat) L mapped back
+with L^-1: :func:`masa.compress.whitening.whitened_lowrank` applied to the error. The paper writes it
+with G = Q diag(lambda) Q^T; any square root of G gives the same B A, and a singular G is damped as for
+SVD-LLM (``cholesky_factor``). So SVD-LLM at rank k plus EoRA at rank r *is* SVD-LLM at rank k + r;
+the correction helps methods that are not optimal in this metric (svd, asvd, fwsvd, shared bases,
+sparse codes, masa's atoms).
+
+One implementation composes after every method: :func:`approximation` reads what a method's
+:class:`Replacement` stands for (installed on a scratch copy of the targets, never the model),
+:func:`corrections` fits the terms, and :func:`compensated` searches, at a fixed ratio, how much of
+the stored budget goes to the method and how much to the corrections (ranks spread over the layers by
+whitened error removed per stored number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from masa.arch.adapters import set_submodule
+from masa.budget import spend
+from masa.compress.calibration import CalibrationStats, calibrate
+from masa.compress.config import CompressConfig, parse_compensation
+from masa.compress.install import Replacement, install
+from masa.compress.layout import Layout, resolve_layout
+from masa.compress.methods.lowrank import per_input
+from masa.compress.whitening import cholesky_factor, whitened_lowrank
+from masa.nn.protocol import MasaLinear
+
+SPLITS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # fractions of the stored budget tried for the corrections
+
+
+@dataclass
+class Approximation:
+    """What a method's result stands for: each target's dense weight and the numbers stored in all."""
+
+    weights: dict[str, torch.Tensor]  # name -> W_hat (d_out, d_in), float64
+    stored: int
+
+
+def _put(root: nn.Module, path: str, module: nn.Module) -> None:
+    """``set_submodule`` creating empty containers on the way."""
+    parent = root
+    for part in path.split(".")[:-1]:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    set_submodule(root, path, module)
+
+
+def _scratch(layout: Layout) -> nn.Module:
+    """A module tree holding only the targets (sharing the model's weight tensors) at their names."""
+    root = nn.Module()
+    if layout.blocks_path:
+        _put(root, layout.blocks_path, nn.ModuleList(nn.Module() for _ in range(layout.n_blocks)))
+    for t in layout.targets:
+        linear = nn.Linear(t.shape[1], t.shape[0], bias=t.bias is not None, device="meta")
+        linear.weight = nn.Parameter(t.weight, requires_grad=False)
+        if t.bias is not None:
+            linear.bias = nn.Parameter(t.bias, requires_grad=False)
+        _put(root, t.name, linear)
+    return root
+
+
+def stored_numbers(module: nn.Module) -> int:
+    """Numbers ``module`` stores: each parameter once, plus what masa layers keep beside them."""
+    extra = sum(m.extra_stored_numel() for m in module.modules() if isinstance(m, MasaLinear))
+    return sum(p.numel() for p in module.parameters()) + extra
+
+
+@torch.no_grad()
+def approximation(layout: Layout, replacement: Replacement) -> Approximation:
+    """The dense weights and stored numbers of ``replacement`` (installed on a scratch copy of the targets)."""
+    scratch = _scratch(layout)
+    install(scratch, replacement)
+    weights = {
+        t.name: scratch.get_submodule(t.name).weight.detach().to(torch.float64) for t in layout.targets
+    }
+    return Approximation(weights, stored_numbers(scratch))
+
+
+def residual_spectra(
+    layout: Layout, stats: CalibrationStats, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per target, the squared singular values of (W - W_hat) L: the whitened error each correction rank removes."""
+    chol = per_input(cholesky_factor, stats.grams)
+    spectra = {}
+    for t in layout.targets:
+        error = t.weight.to(torch.float64) - weights[t.name].to(t.weight.device)  # (d_out, d_in)
+        spectra[t.name] = torch.linalg.svdvals(error @ chol(t.name).to(error.device)).square()
+    return spectra
+
+
+def spread_ranks(layout: Layout, spectra: dict[str, torch.Tensor], numbers: int) -> dict[str, int]:
+    """Correction ranks spending at most ``numbers`` stored numbers, largest error removed per number first."""
+    names = [t.name for t in layout.targets]
+    costs = [sum(t.shape) for t in layout.targets]
+    steps, _ = spend(costs, [spectra[n] for n in names], [0] * len(names), max(0, numbers))
+    return dict(zip(names, steps, strict=True))
+
+
+def uniform_ranks(layout: Layout, rank: int) -> dict[str, int]:
+    """Rank ``rank`` for every target; raises naming a layer too small for it."""
+    for t in layout.targets:
+        if rank > min(t.shape):
+            raise ValueError(
+                f"EoRA rank {rank} exceeds what {t.name} ({t.shape[0]}x{t.shape[1]}) allows "
+                f"(at most {min(t.shape)}): give a smaller rank or a fraction (eora:0.1)"
+            )
+    return {t.name: rank for t in layout.targets}
+
+
+def corrections(
+    layout: Layout, stats: CalibrationStats, weights: dict[str, torch.Tensor], ranks: dict[str, int]
+) -> Replacement:
+    """The EoRA terms for targets with rank > 0: a ``compensate`` operation and ``NAME.correction.*`` tensors."""
+    chol = per_input(cholesky_factor, stats.grams)
+    entries, tensors = [], {}
+    for t in layout.targets:
+        rank = ranks.get(t.name, 0)
+        if rank < 1:
+            continue
+        error = t.weight.to(torch.float64) - weights[t.name].to(t.weight.device)  # (d_out, d_in)
+        up, down = whitened_lowrank(error, chol(t.name).to(error.device), rank)  # (d_out, r), (r, d_in)
+        entries.append({"module": t.name, "rank": rank})
+        tensors |= {f"{t.name}.correction.up": up, f"{t.name}.correction.down": down}
+    return Replacement([{"op": "compensate", "modules": entries}] if entries else [], tensors)
+
+
+def nest(replacement: Replacement, names: list[str]) -> Replacement:
+    """``replacement`` with the tensors of the modules ``names`` moved under ``NAME.inner`` (where a
+    :class:`~masa.nn.compensated.CompensatedLinear` wraps them)."""
+    prefixes = tuple(f"{n}." for n in names)
+    tensors = {}
+    for key, value in replacement.tensors.items():
+        owner = next((p for p in prefixes if key.startswith(p)), None)
+        tensors[key if owner is None else f"{owner}inner.{key[len(owner) :]}"] = value
+    return Replacement(list(replacement.ops), tensors, dict(replacement.report))
+
+
+def _candidate(method, layout: Layout, stats: CalibrationStats, config: CompressConfig, budget: float,
+               share: float, rank: int | None) -> dict:  # fmt: skip
+    """The method run with ``share`` of ``budget`` (or ``rank`` per layer) left for the corrections."""
+    dense = sum(t.dense for t in layout.targets)
+    fixed = uniform_ranks(layout, rank) if rank is not None else None
+    reserved = sum(r * sum(t.shape) for t, r in zip(layout.targets, fixed.values(), strict=True)) if fixed \
+        else share * budget  # fmt: skip
+    inner_ratio = 1.0 - (budget - reserved) / dense
+    if inner_ratio >= 1.0:
+        raise ValueError(
+            f"EoRA's corrections ({reserved:,.0f} numbers) leave nothing of the budget of ratio {config.ratio:.3f} "
+            f"({budget:,.0f} numbers) for the method: give a smaller rank or fraction"
+        )
+    inner = dataclasses.replace(config, ratio=max(inner_ratio, config.ratio), compensate=None)
+    replacement = method.fn(layout, stats if method.needs else None, inner)
+    approx = approximation(layout, replacement)
+    spectra = residual_spectra(layout, stats, approx.weights)
+    ranks = fixed or spread_ranks(layout, spectra, math.floor(budget) - approx.stored)
+    before = sum(float(s.sum()) for s in spectra.values())
+    after = before - sum(float(spectra[n][:r].sum()) for n, r in ranks.items())
+    return {"share": share, "inner_ratio": round(inner_ratio, 6), "whitened_error_method": before,
+            "whitened_error": after, "ranks": ranks, "replacement": replacement, "approx": approx}  # fmt: skip
+
+
+def compensated(method, layout: Layout, stats: CalibrationStats, config: CompressConfig) -> Replacement:
+    """``method`` plus EoRA at ``config.ratio`` in all: the split fixed by ``config.compensate`` or
+    searched over :data:`SPLITS` for the least total whitened error; the choice and the tries reported."""
+    _, amount = parse_compensation(config.compensate)
+    budget = (1.0 - config.ratio) * sum(t.dense for t in layout.targets)
+    if amount is None:
+        tried = []
+        for share in SPLITS:
+            try:
+                tried.append(_candidate(method, layout, stats, config, budget, share, None))
+            except ValueError as err:  # the method cannot reach this inner ratio: skip the split
+                tried.append({"share": share, "error": str(err)})
+        feasible = [c for c in tried if "error" not in c]
+        if not feasible:
+            raise ValueError(f"no compression/compensation split works: {tried[0]['error']}")
+        best = min(feasible, key=lambda c: c["whitened_error"])
+    else:
+        rank = amount if isinstance(amount, int) else None
+        best = _candidate(method, layout, stats, config, budget, 0.0 if rank else amount, rank)
+        tried = [best]
+    names = [n for n, r in best["ranks"].items() if r > 0]
+    result = nest(best["replacement"], names).extend(
+        corrections(layout, stats, best["approx"].weights, best["ranks"])
+    )
+    result.report["compensation"] = {
+        "kind": "eora",
+        "spec": config.compensate,
+        "share": best["share"],
+        "inner_ratio": best["inner_ratio"],
+        "ranks": {n: r for n, r in best["ranks"].items() if r > 0},
+        "tried": [{k: v for k, v in c.items() if k not in ("replacement", "approx", "ranks")} for c in tried],
+    }
+    return result
+
+
+def compressed_layers(model: nn.Module) -> list[str]:
+    """Names of the outermost masa layers of ``model`` that compression put there (not yet compensated)."""
+    from masa.nn.compensated import CompensatedLinear
+    from masa.nn.fused import SplitLinear
+
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, MasaLinear) and not isinstance(module, SplitLinear):
+            inside = name + "."
+            if not isinstance(module, CompensatedLinear):
+                names.append(name)
+    return names
+
+
+@torch.no_grad()
+def compensate_model(
+    model: nn.Module, original: nn.Module, tokens: torch.Tensor, amount: int | float
+) -> dict:
+    """Add EoRA corrections to an already compressed ``model`` in place, fitted against ``original`` (its
+    uncompressed source) on calibration ``tokens`` (N, T): rank ``amount`` per layer (an int), or that
+    fraction (a float) of the layers' stored numbers spent on them. Returns the ratios and ranks."""
+    names = compressed_layers(model)
+    if not names:
+        raise ValueError(
+            "the model has no compressed layer to compensate (nothing masa replaced, or every layer already "
+            "carries a correction): compress it first with masa compress"
+        )
+    layout = resolve_layout(original, CompressConfig("svd", 0.5, targets=tuple(re.escape(n) for n in names)))
+    dense = sum(t.dense for t in layout.targets)
+    for t in layout.targets:
+        if t.shape != (model.get_submodule(t.name).out_features, model.get_submodule(t.name).in_features):
+            raise ValueError(
+                f"{t.name} has another shape in the original model: give the model it was compressed from"
+            )
+    stored = sum(stored_numbers(model.get_submodule(n)) for n in names)
+    stats = calibrate(original, tokens, names)
+    weights = {n: model.get_submodule(n).weight.detach().to(torch.float64) for n in names}
+    if isinstance(amount, int):
+        ranks = uniform_ranks(layout, amount)
+    else:
+        ranks = spread_ranks(layout, residual_spectra(layout, stats, weights), math.floor(amount * stored))
+    install(model, corrections(layout, stats, weights, ranks))
+    after = sum(stored_numbers(model.get_submodule(n)) for n in names)
+    return {
+        "modules": len(names),
+        "ratio_before": 1.0 - stored / dense,
+        "ratio_after": 1.0 - after / dense,
+        "ranks": {n: r for n, r in ranks.items() if r > 0},
+    }
