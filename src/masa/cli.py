@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.eval.command",
         "perplexity of a saved model (and fidelity to a reference model)",
     ),
+    "export": (
+        "masa.commands.export",
+        "write a compressed model as a plain transformers checkpoint (--dense)",
+    ),
     "demo": (
         "masa.commands.demo",
         "train a tiny dense and a tiny MASA model on bundled text and compare them",
