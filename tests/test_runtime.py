@@ -154,3 +154,23 @@ def test_a_generator_must_be_collapsed_before_going_dense():
         before = model(ids).logits
         torch.testing.assert_close(set_runtime(model, "dense")(ids).logits, before, atol=1e-5, rtol=1e-5)
     assert not hasattr(model, "masa_bank")
+
+
+def test_bench_infer_wiring(saved, tmp_path):
+    """`masa bench infer` on a tiny original and compressed model: both modes, ratios, files."""
+    import json
+
+    from masa.cli import main
+
+    original = masa.save(build("llama", n_layer=4), tmp_path / "original")
+    models = [str(original), str(saved["llama", "masa"])]
+    argv = ["bench", "infer", *models, "--batch", "2", "--prompt-len", "8", "--new-tokens", "3"]
+    assert main([*argv, "--rounds", "1", "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "infer.json").read_text())
+    runtimes = [v["runtime"] for v in results["variants"]]
+    assert runtimes == ["plain", "compact", "dense"]
+    first = results["variants"][0]
+    assert first["prefill"]["vs_reference"] == 1.0 and set(first) >= {"decode_b1", "decode_b2"}
+    compact = results["variants"][1]
+    assert compact["resident_bytes"] <= compact["stored_bytes"] * 1.02
+    assert (tmp_path / "out" / "infer.md").is_file() and (tmp_path / "out" / "prefill.png").is_file()
