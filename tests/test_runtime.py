@@ -174,3 +174,14 @@ def test_bench_infer_wiring(saved, tmp_path):
     compact = results["variants"][1]
     assert compact["resident_bytes"] <= compact["stored_bytes"] * 1.02
     assert (tmp_path / "out" / "infer.md").is_file() and (tmp_path / "out" / "prefill.png").is_file()
+
+
+@pytest.mark.parametrize("case", [("llama", "masa"), ("llama", "cospadi")], ids="-".join)
+def test_info_predicts_the_resident_bytes_of_each_mode(case, saved):
+    from masa.commands.info import describe
+    from masa.io.serialization import unique_state_dict
+
+    predicted = describe(saved[case])["resident_bytes"]
+    for mode in ("compact", "dense"):
+        tensors, _ = unique_state_dict(masa.load(saved[case], runtime=mode))
+        assert predicted[mode] == sum(t.numel() * t.element_size() for t in tensors.values())
