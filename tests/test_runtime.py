@@ -185,3 +185,19 @@ def test_info_predicts_the_resident_bytes_of_each_mode(case, saved):
     for mode in ("compact", "dense"):
         tensors, _ = unique_state_dict(masa.load(saved[case], runtime=mode))
         assert predicted[mode] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_sample_decodes_alike_in_both_modes(saved_llama):
+    from masa.commands.sample import sample_text
+
+    model = masa.load(saved_llama / "base")
+    ids = torch.randint(0, 30, (4, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, CompressConfig("cospadi", 0.3, targets=("all-linear",), options=OPTIONS["cospadi"]), ids)
+    masa.save(model, saved_llama / "cospadi", files_from=saved_llama / "base")
+    texts = {
+        mode: sample_text(str(saved_llama / "cospadi"), "the quick", 8, temperature=0, runtime=mode)
+        for mode in ("compact", "dense")
+    }
+    assert texts["compact"] == texts["dense"]
+    sampled = sample_text(str(saved_llama / "cospadi"), "the quick", 8, temperature=0.8, seed=3)
+    assert sampled == sample_text(str(saved_llama / "cospadi"), "the quick", 8, temperature=0.8, seed=3)
