@@ -201,3 +201,24 @@ def test_sample_decodes_alike_in_both_modes(saved_llama):
     assert texts["compact"] == texts["dense"]
     sampled = sample_text(str(saved_llama / "cospadi"), "the quick", 8, temperature=0.8, seed=3)
     assert sampled == sample_text(str(saved_llama / "cospadi"), "the quick", 8, temperature=0.8, seed=3)
+
+
+def test_lora_wraps_a_compact_model_and_trains(saved, ids):
+    peft = pytest.importorskip("peft")
+    from masa.nn.lora import MasaLoraLinear, lora_config
+
+    model = masa.load(saved["llama", "masa"])
+    config = lora_config(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    with pytest.warns(UserWarning, match="Unsupported layer type"):
+        tuned = peft.get_peft_model(model, config)
+    wrapped = [m for m in tuned.modules() if isinstance(m, MasaLoraLinear)]
+    assert wrapped and all(isinstance(m.get_base_layer(), MasaLinear) for m in wrapped)
+    trainable = [p for p in tuned.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in tuned.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    before = tuned(ids, labels=ids).loss
+    before.backward()
+    optimizer.step()
+    assert tuned(ids, labels=ids).loss < before
+    with pytest.raises(NotImplementedError, match="set_runtime\\(model, 'dense'\\)"):
+        wrapped[0].merge()
