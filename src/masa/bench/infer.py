@@ -236,7 +236,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The `masa bench infer` command that reproduces these parsed arguments."""
     words = ["masa", "bench", "infer", *args.models, "--runtime", *args.runtime, "--device", args.device]
     words += ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len)]
-    words += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--out", args.out]
+    words += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+    words += ["--warmup", str(args.warmup), "--out", args.out]
     return shlex.join(words)
 
 
@@ -251,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt_len,
         args.new_tokens,
         args.rounds,
+        args.warmup,
     )
     write_infer(results, args.out, command_line(args))
     print((Path(args.out) / INFER_MD).read_text())
@@ -289,6 +291,14 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--rounds", type=_positive_int, default=5, metavar="R", help="timed rounds (default 5)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        choices=range(10),
+        default=1,
+        metavar="W",
+        help="untimed rounds first (default 1)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
     parser.set_defaults(func=run)
