@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "masa.eval.lm_eval_command",
         "zero-shot accuracy through lm-evaluation-harness (pip install masa[eval])",
     ),
+    "export": (
+        "masa.commands.export",
+        "write a compressed model as a plain transformers checkpoint (--dense)",
+    ),
     "demo": (
         "masa.commands.demo",
         "train a tiny dense and a tiny MASA model on bundled text and compare them",

@@ -171,12 +171,20 @@ def add_recovery_parser(benchmarks: argparse._SubParsersAction) -> None:
     add_recovery(benchmarks)
 
 
+def add_infer_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench infer` (its module is imported only here, when the CLI is built)."""
+    from masa.bench.infer import add_parser as add_infer
+
+    add_infer(benchmarks)
+
+
 BENCHMARKS = (
     add_train_parser,
     add_speed_parser,
     add_vit_parser,
     add_compress_parser,
     add_recovery_parser,
+    add_infer_parser,
 )  # one registration function per benchmark
 
 

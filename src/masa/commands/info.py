@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masa.arch.families import ADAPTERS, ATTENTION_ROLES, MLP_ROLES, Adapter
-from masa.commands.checkpoint import Tensor, WeightsFile, read_config, read_weights
+from masa.commands.checkpoint import DTYPE_BITS, Tensor, WeightsFile, read_config, read_weights
 
 FUSED = "+"  # a fused projection's pseudo-role joins the roles it holds: "q+k+v", "gate+up"
 
@@ -157,6 +157,16 @@ def weights_summary(files: list[WeightsFile], tensors: dict[str, Tensor]) -> dic
     }
 
 
+def resident_by_mode(weights: dict, total_dense: int, compressed: bool) -> dict[str, int]:
+    """Bytes of weights each runtime mode holds once loaded (``masa.load(DIR, runtime=...)``): compact
+    holds what is stored; dense holds the original's numbers in the weights' main float dtype."""
+    compact = sum(weights["bytes_by_dtype"].values())
+    floats = {d: n for d, n in weights["bytes_by_dtype"].items() if d.startswith(("F", "BF"))}
+    if not compressed or not floats:
+        return {"compact": compact, "dense": compact}
+    return {"compact": compact, "dense": total_dense * DTYPE_BITS[max(floats, key=floats.get)] // 8}
+
+
 def dictionaries(block: dict) -> list[dict]:
     """The shared atom dictionaries recorded in the masa block's surgery log."""
     return [
@@ -200,6 +210,7 @@ def describe(directory: str | Path) -> dict:
         "counted_from": source,
         "weights": weights,
         "file_bytes": weights["file_bytes"],
+        "resident_bytes": resident_by_mode(weights, counts["total_params_dense"], bool(block.get("surgery"))),
         "masa": {k: v for k, v in block.items() if k not in ("surgery", "params")},
     }
 
@@ -249,6 +260,9 @@ def format_info(info: dict) -> str:
         _count_line("total", info["total_params"], info["total_params_dense"], info["total_ratio"]),
         f"counted from {source}",
         *_weights_lines(info["weights"]),
+        "resident     "
+        + ", ".join(f"{mode} {n / 2**20:,.1f} MiB" for mode, n in info["resident_bytes"].items())
+        + " of weights once loaded (masa.load(DIR, runtime=...))",
     ]
     for d in info["dictionaries"]:
         shape, blocks = tuple(d["shape"]), len(d["blocks"])

@@ -13,27 +13,38 @@ def sample_text(
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    runtime: str = "compact",
 ) -> str:
-    """Continue ``prompt`` with the model saved in ``directory``; returns prompt + continuation."""
+    """Continue ``prompt`` with the model saved in ``directory``; returns prompt + continuation.
+
+    A transformers model decodes with its own ``generate`` (KV cache); a native one with masa's.
+    """
     import torch
+    from transformers import GenerationMixin
 
     from masa.data.tokenizer import decode, encode, load_tokenizer
     from masa.io import load
     from masa.model.generate import generate
 
-    model = load(directory)
+    model = load(directory, runtime=runtime)
     tok = load_tokenizer(directory)
     ids = encode(tok, prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
-    out = generate(
-        model,
-        torch.tensor([ids]),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        generator=torch.Generator().manual_seed(seed),
-    )  # (1, T + new)
+    input_ids = torch.tensor([ids])  # (1, T)
+    if isinstance(model, GenerationMixin):
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None)
+        greedy = dict(do_sample=False)
+        out = model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            **(sampling if temperature > 0 else greedy),
+        )  # (1, T + new)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        out = generate(model, input_ids, max_new_tokens, temperature, top_k, generator)  # (1, T + new)
     return decode(tok, out[0].tolist())
 
 
@@ -53,10 +64,27 @@ def temperature(text: str) -> float:
     return value
 
 
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
+    """``--runtime compact|dense`` (masa.nn.runtime; the names are repeated here to keep torch unimported)."""
+    parser.add_argument(
+        "--runtime",
+        choices=("compact", "dense"),
+        default="compact",
+        help="compact: hold only what was saved (the memory saving); dense: build plain weights at load "
+        "(the original's speed and memory) (default: compact)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         text = sample_text(
-            args.directory, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed + i
+            args.directory,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.seed + i,
+            args.runtime,
         )
         print(text if args.num_samples == 1 else f"--- sample {i + 1}\n{text}")
     return 0
@@ -77,4 +105,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="number of samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_runtime_argument(p)
     p.set_defaults(func=run)

@@ -21,6 +21,7 @@ def _positive_int(value: str) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa eval`` on the top-level CLI's subparsers."""
+    from masa.commands.sample import add_runtime_argument
     from masa.eval.datasets import EVAL_SETS
     from masa.eval.perplexity import PROTOCOLS
 
@@ -64,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="original model: also report KL, top-1 agreement and logit error",
     )
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    add_runtime_argument(parser)
     parser.add_argument(
         "--json",
         nargs="?",
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     names = args.data or [DEFAULT_DATA]
     texts = {name: load_eval_text(name) for name in names}  # fail on a bad name before loading models
     device = resolve_device(args.device)
-    model = load(args.model).to(device)
+    model = load(args.model, device=device, runtime=args.runtime)
     reference = load(args.reference).to(device) if args.reference else None
     tokenizer = load_tokenizer(args.model)
     quiet = args.json == "-"

@@ -236,16 +236,27 @@ def build_base(config: dict, directory: str | os.PathLike | None = None) -> nn.M
 
 
 def load(
-    directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    runtime: str = "compact",
 ) -> nn.Module:
     """Load a model directory: one written by :func:`save`, or any plain Hugging Face safetensors checkpoint.
 
-    ``dtype`` converts the weights; by default they keep the checkpoint's dtype.
+    ``dtype`` converts the weights; by default they keep the checkpoint's dtype. ``runtime`` (see
+    :mod:`masa.nn.runtime`): ``compact`` holds only what was saved and computes from it (the saving is
+    in memory); ``dense`` builds each compressed layer's dense weight once, here, and frees the
+    factors (the original's speed and memory; the saving is on disk). A plain model is the same in both.
     """
+    from masa.nn.runtime import check_runtime, set_runtime
+
+    check_runtime(runtime)
     checkpoint = inspect_checkpoint(directory)
     model = _load_masa(checkpoint) if checkpoint.is_masa else load_pretrained(checkpoint, dtype)
     _check_finite(dict(model.named_parameters()), checkpoint.directory)
     model.to(device=device, dtype=dtype)
+    set_runtime(model, runtime)  # after the move: dense weights are built on the target device
     return model.eval()
 
 

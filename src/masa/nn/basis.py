@@ -102,7 +102,16 @@ class SparseCodeLinear(_BasisUser):
 
     def codes(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.out_features, self.shared.rank)  # (d_out, k)
-        return dense.scatter(1, self.indices.long(), self.values)
+        return dense.scatter_add(1, self.indices.long(), self.values)  # W[i] sums its codes, repeats too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): gather the s dictionary outputs each row uses (s per output, no dense
+        codes); many tokens: scatter the codes into a transient (d_out, k) matrix and run one matmul."""
+        z = F.linear(x, self.shared.weight)  # (..., k)
+        if z.numel() // self.shared.rank * self.sparsity > self.shared.rank:
+            return F.linear(z, self.codes(), self.bias)  # (..., d_out)
+        y = (z[..., self.indices.long()] * self.values).sum(-1)  # (..., d_out, s) -> (..., d_out)
+        return y if self.bias is None else y + self.bias
 
     def extra_stored_numel(self) -> int:
         """Index storage in stored numbers: bytes of the indices / bytes of one value (rounded up)."""

@@ -60,6 +60,19 @@ class SplitLinear(MasaLinear):
         stacked = torch.cat([self.get_submodule(name).weight for name in self.parts])  # concatenated order
         return stacked[fused_order([self.get_submodule(n).out_features for n in self.parts], self.groups)]
 
+    def dense_bias(self) -> torch.Tensor | None:
+        """The fused bias (d_out,) in the fused layer's row order, or None."""
+        parts = [self.get_submodule(name) for name in self.parts]
+        biases = [p.dense_bias() if isinstance(p, MasaLinear) else p.bias for p in parts]
+        if any(b is None for b in biases):
+            return None
+        return torch.cat(biases)[fused_order([p.out_features for p in parts], self.groups)]
+
+    def runtime_problem(self, mode: str) -> str | None:
+        parts = [self.get_submodule(name) for name in self.parts]
+        problems = [p.runtime_problem(mode) for p in parts if isinstance(p, MasaLinear)]
+        return next((p for p in problems if p), None) or super().runtime_problem(mode)
+
     def dense_numel(self) -> int:
         return sum(dense_numel(self.get_submodule(name)) for name in self.parts)
 

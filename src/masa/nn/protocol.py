@@ -6,6 +6,10 @@ fewer numbers. Every such layer is a :class:`MasaLinear`: it knows the dense lay
 layers is counted by the one module that registers it), its equivalent dense weight (``to_dense``),
 and the kind of each of its parameters (``parameter_kinds``). Counting (``masa.count``), healing and
 per-kind learning rates read these, never the layers' internals.
+
+Run time (``../shared/DESIGN.md`` 2.8): a layer offers the runtime modes in ``RUNTIMES``. ``compact``
+holds only what was saved and computes from it; ``dense`` is reached by replacing the layer with
+:meth:`MasaLinear.to_linear` (see :func:`masa.nn.runtime.set_runtime`), so no layer ever holds both.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from torch import nn
 
 # the kinds a parameter can be; "dense" is anything masa did not put there (embeddings, heads, linears)
 KINDS = ("atoms", "coefficients", "generator", "factors", "basis", "codes", "bias", "norm", "dense")
+# compact: hold what was saved, compute from it; dense: one plain nn.Linear per layer, factors freed
+RUNTIMES = ("compact", "dense")
 
 
 class MasaLinear(nn.Module):
@@ -24,10 +30,31 @@ class MasaLinear(nn.Module):
     in_features: int
     out_features: int
     KINDS: dict[str, str] = {}
+    RUNTIMES: tuple[str, ...] = RUNTIMES  # the runtime modes this layer type offers
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight (d_out, d_in)."""
         raise NotImplementedError
+
+    def dense_bias(self) -> torch.Tensor | None:
+        """The equivalent dense bias (d_out,), or None."""
+        return getattr(self, "bias", None)
+
+    def runtime_problem(self, mode: str) -> str | None:
+        """Why this layer cannot run in ``mode`` now (None when it can)."""
+        if mode not in self.RUNTIMES:
+            return f"{type(self).__name__} offers only the runtime modes {', '.join(self.RUNTIMES)}"
+        return None
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing what this layer computes (its dense runtime form)."""
+        weight, bias = self.to_dense().detach(), self.dense_bias()  # (d_out, d_in), (d_out,)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.contiguous())
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach())  # the bias this layer held, not a copy
+        return linear
 
     @property
     def weight(self) -> torch.Tensor:

@@ -173,7 +173,6 @@ class SharedLinear(MasaLinear):
             else nn.Parameter(torch.empty(dictionary.n_atoms, device=device, dtype=dtype))
         )
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if bias else None
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def bind(self, dictionary: AtomDictionary) -> None:
         """Point this layer at its (externally owned) dictionary without registering it."""
@@ -192,17 +191,17 @@ class SharedLinear(MasaLinear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The materialised weight (d_out, d_in). Cached while no gradient is needed."""
-        d = self._dictionary
-        coeffs = self.current_coefficients()
-        if torch.is_grad_enabled() and (d.atoms.requires_grad or coeffs.requires_grad):
-            self._cache = None
-            return d.weights(coeffs)
-        # Inference: rebuild only when the atoms or coefficients changed (tensor version counters).
-        key = (id(d.atoms), d.atoms._version, coeffs.data_ptr(), coeffs._version, d.atoms.device.index or 0)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, d.weights(coeffs.detach()).detach())
-        return self._cache[1]
+        """The weight (d_out, d_in), built afresh from the atoms: a transient buffer, never cached
+        (a cached copy beside the atoms would hold more than the dense layer it replaces)."""
+        return self._dictionary.weights(self.current_coefficients())
+
+    def runtime_problem(self, mode: str) -> str | None:
+        if mode == "dense" and self._dictionary.generator is not None:
+            return (
+                f"{type(self).__name__} still has its training-time coefficient generator; fold it into "
+                "plain coefficients first (masa.collapse_generators(model))"
+            )
+        return super().runtime_problem(mode)
 
     def to_dense(self) -> torch.Tensor:
         return self.weight
@@ -229,7 +228,13 @@ class RefinedSharedLinear(MasaLinear):
         self.correction = correction
 
     def to_dense(self) -> torch.Tensor:
-        return self.shared.weight + self.correction.weight  # (d_out, d_in)
+        return self.shared.weight.addmm_(self.correction.up, self.correction.down)  # (d_out, d_in)
+
+    def dense_bias(self) -> torch.Tensor | None:
+        return self.shared.bias
+
+    def runtime_problem(self, mode: str) -> str | None:
+        return self.shared.runtime_problem(mode) or super().runtime_problem(mode)
 
     def dense_numel(self) -> int:
         """Stored numbers of the dense layer this replaces (for ``masa.count``)."""
@@ -237,4 +242,10 @@ class RefinedSharedLinear(MasaLinear):
         return self.in_features * self.out_features + (0 if bias is None else bias.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Many tokens: fold the correction into the transient shared weight (r d_out d_in more work,
+        one matmul); few tokens (decoding): run it as two thin matmuls (r (d_in + d_out) per token)."""
+        tokens = x.numel() // self.in_features
+        if tokens * (self.in_features + self.out_features) > self.in_features * self.out_features:
+            bias = self.shared.bias
+            return F.linear(x, self.to_dense().to(x.dtype), None if bias is None else bias.to(x.dtype))
         return self.shared(x) + self.correction(x)  # (..., d_in) -> (..., d_out)

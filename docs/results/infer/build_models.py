@@ -1,0 +1,64 @@
+"""Build the models `masa bench infer` compares: a synthetic Llama (blocks alike: block 0 plus noise,
+so shared atoms pay off as in a trained model) and its compressions, saved under OUT.
+
+    python docs/results/infer/build_models.py OUT [--shape bench|1b] [--ratios 0.4 ...] [--methods ...]
+
+bench: 12 blocks, d=256 (the issue's model, 44 MiB); 1b: 16 blocks, d=2048, ffn 5632, vocab 32000
+(~1 B parameters, ~3.8 GB in float32: larger than any CPU's last-level cache).
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+import masa
+from masa.compress import CompressConfig, compress
+
+OPTIONS = {"cospadi": {"iterations": 2}}
+SHAPES = {
+    "bench": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
+                  num_attention_heads=4),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+               num_attention_heads=16),
+}  # fmt: skip
+
+
+def base(shape: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(max_position_embeddings=512, **SHAPES[shape])
+    model = tf.LlamaForCausalLM(config).to(device).eval()
+    with torch.no_grad():
+        for block in model.model.layers[1:]:
+            for p, p0 in zip(block.parameters(), model.model.layers[0].parameters(), strict=True):
+                p.copy_(p0 + 0.3 * p0.std() * torch.randn_like(p0))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shape", choices=SHAPES, default="bench")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.4])
+    parser.add_argument("--methods", nargs="+", default=["svd-llm", "basis-sharing", "cospadi", "masa"])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if not (args.out / "original").exists():
+        masa.save(base(args.shape, args.device), args.out / "original")
+    vocab = SHAPES[args.shape]["vocab_size"]
+    calib = torch.randint(0, vocab, (16, 128), generator=torch.Generator().manual_seed(1))
+    for ratio in args.ratios:
+        for method in args.methods:
+            target = args.out / f"{method}-{round(ratio * 100)}"
+            if target.exists():
+                continue
+            model = base(args.shape, args.device)
+            config = CompressConfig(method, ratio, targets=("all-linear",), options=OPTIONS.get(method, {}))
+            compress(model, config, calib.to(args.device))
+            masa.save(model, target)
+            print("saved", target, flush=True)
+
+
+if __name__ == "__main__":
+    main()
