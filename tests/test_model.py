@@ -67,7 +67,7 @@ def test_coefficient_generator_trains():
 @pytest.mark.parametrize("attention", ["masa-qkv", "masa-qkvo"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_generator_starts_each_block_with_its_own_coefficients(attention, seed):
-    """DESIGN 2.10: generated coefficients have std 1/sqrt(S) and differ from block to block."""
+    """Generated coefficients have std 1/sqrt(S) and differ from block to block."""
     model = build(attention, seed, n_layer=12, n_atoms=4, coef_generator=True)
     dictionaries = [m for m in model.masa_bank.modules() if isinstance(m, AtomDictionary)]
     assert len(dictionaries) == {"masa-qkv": 3, "masa-qkvo": 4}[attention]

@@ -7,7 +7,7 @@ layers is counted by the one module that registers it), its equivalent dense wei
 and the kind of each of its parameters (``parameter_kinds``). Counting (``masa.count``), healing and
 per-kind learning rates read these, never the layers' internals.
 
-Run time (``../shared/DESIGN.md`` 2.8): a layer offers the runtime modes in ``RUNTIMES``. ``compact``
+Run time (``docs/compression.md``, "Run time"): a layer offers the runtime modes in ``RUNTIMES``. ``compact``
 holds only what was saved and computes from it; ``dense`` is reached by replacing the layer with
 :meth:`MasaLinear.to_linear` (see :func:`masa.nn.runtime.set_runtime`), so no layer ever holds both.
 """

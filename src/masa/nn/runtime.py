@@ -1,4 +1,4 @@
-"""Runtime modes of a compressed model (``../shared/DESIGN.md`` 2.8), chosen explicitly, never both at once.
+"""Runtime modes of a compressed model (``docs/compression.md``, "Run time"), chosen explicitly, never both at once.
 
 * ``compact``: every masa layer holds only what was saved (atoms and coefficients, factors, bases,
   uint8 code indices) and computes from it per forward; resident bytes = stored bytes.

@@ -28,7 +28,7 @@ class CoefficientGenerator(nn.Module):
     Produces the (n_blocks x n_atoms) coefficient matrix of one dictionary. After training it is
     collapsed into plain per-layer coefficients (:meth:`AtomDictionary.collapse_generator`).
 
-    Initialisation (DESIGN 2.10): block embeddings N(0, 1), a zero output bias, and the last layer
+    Initialisation: block embeddings N(0, 1), a zero output bias, and the last layer
     rescaled so that the generated coefficients have std 1/sqrt(S), the scale of plain coefficients.
     Every block then starts with its own coefficients; a shared output bias with a shrunken last
     layer (the first version) started every block with the same Q/K/V/O.
