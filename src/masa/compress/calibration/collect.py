@@ -3,7 +3,7 @@
 The N calibration sequences are streamed through the model one block at a time: the inputs of the
 first block (and the keyword arguments the model passes it: attention mask, rotary tables, position
 ids ...) are captured once, then each block runs on the stored hidden states while forward pre-hooks on
-its target layers accumulate X^T X in float64 (once per distinct input: Q, K and V share one) and the
+its target layers accumulate X^T X (float32 per batch, summed in float64; once per distinct input: Q, K and V share one) and the
 channel means of |x|. The block's outputs become the next block's inputs, so peak memory is about one
 block's activations, the stored hidden states and the Gram matrices. Causal LMs also get the logit-lens
 drift between consecutive blocks (MASA's grouping signal).
@@ -107,13 +107,23 @@ class _PeakMemory:
 # ------------------------------------------------------------------------------------- accumulation
 
 
+def sum_device(device: torch.device) -> torch.device:
+    """Where float64 sums live: the model's device, or the CPU for MPS (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 class _Accumulator:
-    """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules."""
+    """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules.
+
+    Each batch's X^T X is computed in float32 on the model's device (fast on a GPU, bf16/fp16 inputs
+    upcast first) and the batches are summed in float64 (on the CPU for MPS, which has no float64).
+    """
 
     def __init__(self, meter: _PeakMemory):
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.meter = meter
+        self.sum_device = sum_device(meter.device)
         self._owner: dict[str, str] = {}  # module name -> name of the module whose sums it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one forward
 
@@ -138,12 +148,17 @@ class _Accumulator:
                 return
             self._seen[id(x)] = (x, name)
             owner = self._owner.setdefault(name, name)
-            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (B*T, d_in)
+            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (B*T, d_in), on the model's device
             if owner not in self.grams:
-                self.grams[owner] = rows.new_zeros(rows.shape[1], rows.shape[1])
-                self.abs_sums[owner] = rows.new_zeros(rows.shape[1])
-            self.grams[owner].addmm_(rows.T, rows)
-            self.abs_sums[owner] += rows.abs().sum(0)
+                self.grams[owner] = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+                                                   device=self.sum_device)  # fmt: skip
+                self.abs_sums[owner] = rows.new_zeros(
+                    rows.shape[1], dtype=torch.float64, device=self.sum_device
+                )
+            self.grams[owner] += (rows.T @ rows).to(
+                self.sum_device, torch.float64
+            )  # fp32 per batch, fp64 sum
+            self.abs_sums[owner] += rows.abs().sum(0, dtype=torch.float64).to(self.sum_device)
             self.meter.sample()
 
         return hook
@@ -319,6 +334,52 @@ def calibrate(
     )  # fmt: skip
 
 
+@dataclass
+class BlockFeed:
+    """The inputs of the blocks while streaming: per batch the captured (args, kwargs) of each attention
+    kind, the current hidden states (B, T, d), and for every block the index of its kind."""
+
+    kind_of: list[int]
+    captured: list[list[tuple[tuple, dict]]]
+    hidden: list[torch.Tensor]
+
+    @classmethod
+    def capture(cls, model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockFeed:
+        kind_of, captured = _capture_block_inputs(model, blocks, batches)
+        hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in captured)]
+        return cls(kind_of, captured, hidden)
+
+    def run(
+        self,
+        i: int,
+        block: nn.Module,
+        accumulator: _Accumulator | None = None,
+        lens: list[nn.Module] | None = None,
+    ) -> tuple[list[torch.Tensor], float | None]:
+        """Block ``i``'s outputs per batch on the current hidden states (not stored: see ``advance``), and
+        the mean logit-lens KL between its inputs and outputs when ``lens`` is given."""
+        outputs, kl_sum, kl_rows = [], 0.0, 0
+        for b, per_kind in enumerate(self.captured):
+            args, kwargs = per_kind[self.kind_of[i]]
+            if accumulator is not None:
+                accumulator.new_forward()
+            call_args, call_kwargs = _replace_hidden(args, kwargs, self.hidden[b])
+            out = _hidden(block(*call_args, **call_kwargs))  # (B, T, d)
+            if lens is not None:
+                kl, rows = _lens_kl(lens, self.hidden[b], out)
+                kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
+            outputs.append(out)
+            if accumulator is not None:
+                accumulator.meter.sample()
+        if accumulator is not None:
+            accumulator.new_forward()
+        return outputs, (kl_sum / kl_rows if lens is not None else None)
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next block's inputs are ``outputs``."""
+        self.hidden = outputs
+
+
 def _stream(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -329,26 +390,15 @@ def _stream(
     progress: Callable | None,
 ) -> list[float] | None:
     """Run the blocks one at a time over the stored hidden states; returns the logit-lens KLs."""
-    kind_of, inputs = _capture_block_inputs(model, blocks, batches)  # per batch: (args, kwargs) per kind
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in inputs)]
+    feed = BlockFeed.capture(model, blocks, batches)
     block_kl: list[float] = []
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
-        kl_sum = kl_rows = 0
         with accumulator.hooks(per_block[i]):
-            for b, per_kind in enumerate(inputs):
-                args, kwargs = per_kind[kind_of[i]]
-                accumulator.new_forward()
-                call_args, call_kwargs = _replace_hidden(args, kwargs, hidden[b])
-                out = _hidden(blocks[i](*call_args, **call_kwargs))  # (B, T, d)
-                if lens is not None and i > 0:
-                    kl, rows = _lens_kl(lens, hidden[b], out)
-                    kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
-                hidden[b] = out
-                accumulator.meter.sample()
-        accumulator.new_forward()
-        if lens is not None and i > 0:
-            block_kl.append(kl_sum / kl_rows)
+            outputs, kl = feed.run(i, blocks[i], accumulator, lens if i > 0 else None)
+        feed.advance(outputs)
+        if kl is not None:
+            block_kl.append(kl)
     return block_kl if lens is not None else None
 
 
