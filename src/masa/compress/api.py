@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from masa.accounting import count
+from masa.compress.blockwise import BLOCKWISE_METHODS, DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration import CalibrationStats, cached_calibrate, with_fisher
 from masa.compress.config import CompressConfig
 from masa.compress.install import install
@@ -42,6 +43,7 @@ class CompressResult:
     calibration: dict | None
     report: dict
     info: dict  # for the ``masa`` block of config.json: masa.save(model, out, info=result.info)
+    memory: dict | None = None  # streamed compressions: peak host/device memory growth and the files' size
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +61,12 @@ class CompressResult:
             lines.append(
                 f"  calibration: {c['samples']} x {c['seq_len']} tokens ({c['rows']} rows), "
                 f"peak memory +{c['peak_memory_mb']:.1f} MiB"
+            )
+        if self.memory:
+            m = self.memory
+            device = f", device +{m['peak_device_mb']:.0f} MiB" if m.get("peak_device_mb") is not None else ""
+            lines.append(
+                f"  streamed: peak memory host +{m['peak_host_mb']:.0f} MiB{device} (weight files {m['file_mb']:.0f} MiB)"
             )
         return "\n".join(lines)
 
@@ -111,8 +119,12 @@ def compress(
     cache_dir: str | os.PathLike | None = None,
     source: str | os.PathLike | None = None,
     progress: Callable | None = None,
+    mode: str | None = None,
 ) -> CompressResult:
-    """Compress ``model`` in place as ``config`` says and check the ratio reached.
+    """Compress ``model`` in place (on its device, in its dtype) as ``config`` says and check the ratio reached.
+
+    Per-layer methods (``svd``, ``asvd``, ``svd-llm``) fit block by block (``masa.compress.blockwise``);
+    the others fit all targets at once from statistics of the whole model.
 
     Args:
         calib: calibration text (eval-set name or file, tokenized with ``tokenizer``) or token ids;
@@ -121,24 +133,70 @@ def compress(
         cache_dir: reuse/store statistics there, keyed by model, tokens and targets.
         source: the directory the model was loaded from (a cheap cache key).
         progress: iterator wrapper for the per-block calibration loop (e.g. ``tqdm``).
+        mode: calibration on the ``original`` model's activations, or ``sequential`` on the outputs of the
+            already compressed blocks (per-layer methods only; statistics are then neither given nor cached).
+            None: ``original`` when ``stats`` are given or the method fits across blocks, else the default
+            (``masa.compress.blockwise.DEFAULT_MODE``).
     Raises ValueError when the reached ratio is off by more than 1 % (the model is then left changed).
     """
     method = get_method(config.method)
     layout = resolve_layout(model, config)
-    names = layout.names
-    target_before = sum(t.dense for t in layout.targets)
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
-    if method.needs:
+    blockwise = is_blockwise(method, layout)
+    if mode is None:
+        mode = DEFAULT_MODE if blockwise and stats is None else "original"
+    if check_mode(mode) == "sequential" and not blockwise:
+        raise ValueError(
+            f"sequential calibration fits block by block, which method {config.method!r} on these targets does "
+            f"not (per-layer methods {', '.join(BLOCKWISE_METHODS)} on layers inside the blocks): pass "
+            "mode='original' (--calib-mode original)"
+        )
+    if method.needs and not (blockwise and mode == "sequential"):
         stats, reused = _statistics(model, layout, config, method.needs, calib, tokenizer, stats,
-                                            cache_dir, source, progress, seconds)  # fmt: skip
-    start = time.perf_counter()
-    with torch.no_grad():
-        replacement = method.fn(layout, stats if method.needs else None, config)
-    seconds["factorisation"] = time.perf_counter() - start
-    install(model, replacement)
-    report = replacement.report
+                                    cache_dir, source, progress, seconds)  # fmt: skip
+    if blockwise:
+        tokens = None
+        if method.needs and stats is None:
+            tokens = _tokens(calib, tokenizer, config)
+        run = fit_blockwise(
+            model, layout, config, method, tokens=tokens, stats=stats, mode=mode, progress=progress
+        )
+        stats = run.calibration or stats
+        seconds = {**seconds, **run.seconds}
+        report = run.report
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            replacement = method.fn(layout, stats if method.needs else None, config)
+        seconds["factorisation"] = time.perf_counter() - start
+        install(model, replacement)
+        report = replacement.report
+    return _result(model, layout, config, method, stats, reused, total_before, seconds, report, mode)
+
+
+def _tokens(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+    if calib is None:
+        raise ValueError(f"method {config.method!r} needs calibration data: pass calib= (text or token ids)")
+    return calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+
+
+def _result(
+    model: nn.Module,
+    layout: Layout,
+    config: CompressConfig,
+    method,
+    stats: CalibrationStats | None,
+    reused: bool,
+    total_before: int,
+    seconds: dict[str, float],
+    report: dict,
+    mode: str,
+) -> CompressResult:
+    """Check the ratio reached and describe the compression."""
+    names = layout.names
+    target_before = sum(t.dense for t in layout.targets)
     total_after = _stored_numbers(model)
     target_after = target_before - (total_before - total_after)  # nothing outside the targets changes
     reached = 1.0 - target_after / target_before
@@ -148,7 +206,7 @@ def compress(
             f"{len(names)} targeted modules (biases included, the accounting of docs/compression.md); their shapes are too coarse for this "
             "budget: choose another ratio or more/larger targets"
         )
-    calibration = {**stats.summary(), "reused": reused} if method.needs else None
+    calibration = {**stats.summary(), "reused": reused, "mode": mode} if method.needs else None
     info = {
         "method": config.method,
         "ratio": config.ratio,

@@ -75,7 +75,7 @@ class CalibrationStats:
 # ------------------------------------------------------------------------------------------ memory
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory above the starting point: the CUDA allocator's peak, else sampled process RSS."""
 
     def __init__(self, device: torch.device):
@@ -112,14 +112,14 @@ def sum_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-class _Accumulator:
+class Accumulator:
     """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules.
 
     Each batch's X^T X is computed in float32 on the model's device (fast on a GPU, bf16/fp16 inputs
     upcast first) and the batches are summed in float64 (on the CPU for MPS, which has no float64).
     """
 
-    def __init__(self, meter: _PeakMemory):
+    def __init__(self, meter: PeakMemory):
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.meter = meter
@@ -182,7 +182,7 @@ def _model_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _attention_kinds(model: nn.Module, n_blocks: int) -> list[object]:
+def attention_kinds(model: nn.Module, n_blocks: int) -> list[object]:
     """What decides the keyword arguments each block receives: the config's ``layer_types`` where the
     family mixes them (Gemma-2/3: sliding-window and global layers get different masks and rotary
     tables), else one kind for all."""
@@ -195,7 +195,7 @@ def _capture_block_inputs(
 ) -> tuple[list[int], list[list[tuple[tuple, dict]]]]:
     """The (args, kwargs) each batch passes to the first block of each attention kind, and for every block
     the index of the kind whose arguments it takes. The forward stops at the last such first block."""
-    kinds = _attention_kinds(model, len(blocks))
+    kinds = attention_kinds(model, len(blocks))
     firsts = [kinds.index(k) for k in dict.fromkeys(kinds)]  # first block of each kind, in order
     kind_of = [firsts.index(kinds.index(k)) for k in kinds]
     captured: list[list[tuple[tuple, dict]]] = [[] for _ in batches]
@@ -254,6 +254,14 @@ def _lens_kl(lens: list[nn.Module], before: torch.Tensor, after: torch.Tensor) -
     return total, before.shape[0]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's loaded parameters (a streamed skeleton keeps the others on ``meta``)."""
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    raise ValueError("the model has no loaded parameter to tell its device")
+
+
 def _has_adapter(model: nn.Module) -> bool:
     try:
         get_adapter(model)
@@ -295,11 +303,13 @@ def calibrate(
     logit_lens: bool = True,
     batch_size: int = 8,
     progress: Callable[[Iterator], Iterator] | None = None,
+    access: BlockAccess | None = None,
 ) -> CalibrationStats:
     """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens`` (N, T).
 
     Streams block by block for models with an architecture adapter; other models run whole forward
-    passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``).
+    passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``); ``access`` loads
+    and frees each block's weights around its turn (a streamed model).
     """
     if tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
         raise ValueError(
@@ -307,11 +317,11 @@ def calibrate(
         )
     if not module_names:
         raise ValueError("no modules to calibrate: give at least one target module name")
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokens.to(device)
     batches = list(tokens.split(batch_size))
-    start, meter = time.perf_counter(), _PeakMemory(device)
-    accumulator = _Accumulator(meter)
+    start, meter = time.perf_counter(), PeakMemory(device)
+    accumulator = Accumulator(meter)
     was_training = model.training
     model.eval()
     streamed = _has_adapter(model)
@@ -319,7 +329,9 @@ def calibrate(
         if streamed:
             blocks, per_block = _block_modules(model, module_names)
             lens = _lens(model) if logit_lens else None
-            block_kl = _stream(model, batches, blocks, per_block, accumulator, lens, progress)
+            block_kl = _stream(
+                model, batches, blocks, per_block, accumulator, lens, progress, access or BlockAccess()
+            )
         else:
             _calibrate_whole(model, batches, module_names, accumulator)
             block_kl = None
@@ -334,6 +346,17 @@ def calibrate(
     )  # fmt: skip
 
 
+class BlockAccess:
+    """Makes block i's weights available and disposes of them; this base class is for a model in memory
+    (no-ops). A streamed model reads the block from its files and frees it (``masa.compress.streaming``)."""
+
+    def load(self, index: int) -> None:
+        """Block ``index``'s weights are needed now."""
+
+    def done(self, index: int) -> None:
+        """Block ``index`` will not run again."""
+
+
 @dataclass
 class BlockFeed:
     """The inputs of the blocks while streaming: per batch the captured (args, kwargs) of each attention
@@ -344,7 +367,18 @@ class BlockFeed:
     hidden: list[torch.Tensor]
 
     @classmethod
-    def capture(cls, model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockFeed:
+    def capture(
+        cls,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        batches: list[torch.Tensor],
+        access: BlockAccess | None = None,
+    ) -> BlockFeed:
+        """The first block's inputs per batch. Blocks that run before the first block of the last attention
+        kind (Gemma-2/3 alternate two) are loaded through ``access`` for the capture."""
+        kinds = attention_kinds(model, len(blocks))
+        for i in range(max(kinds.index(k) for k in dict.fromkeys(kinds))):
+            (access or BlockAccess()).load(i)
         kind_of, captured = _capture_block_inputs(model, blocks, batches)
         hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in captured)]
         return cls(kind_of, captured, hidden)
@@ -353,7 +387,7 @@ class BlockFeed:
         self,
         i: int,
         block: nn.Module,
-        accumulator: _Accumulator | None = None,
+        accumulator: Accumulator | None = None,
         lens: list[nn.Module] | None = None,
     ) -> tuple[list[torch.Tensor], float | None]:
         """Block ``i``'s outputs per batch on the current hidden states (not stored: see ``advance``), and
@@ -385,25 +419,28 @@ def _stream(
     batches: list[torch.Tensor],
     blocks: nn.ModuleList,
     per_block: list[dict[str, nn.Module]],
-    accumulator: _Accumulator,
+    accumulator: Accumulator,
     lens: list[nn.Module] | None,
     progress: Callable | None,
+    access: BlockAccess,
 ) -> list[float] | None:
     """Run the blocks one at a time over the stored hidden states; returns the logit-lens KLs."""
-    feed = BlockFeed.capture(model, blocks, batches)
+    feed = BlockFeed.capture(model, blocks, batches, access)
     block_kl: list[float] = []
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
+        access.load(i)
         with accumulator.hooks(per_block[i]):
             outputs, kl = feed.run(i, blocks[i], accumulator, lens if i > 0 else None)
         feed.advance(outputs)
+        access.done(i)
         if kl is not None:
             block_kl.append(kl)
     return block_kl if lens is not None else None
 
 
 def _calibrate_whole(
-    model: nn.Module, batches: list[torch.Tensor], module_names: list[str], accumulator: _Accumulator
+    model: nn.Module, batches: list[torch.Tensor], module_names: list[str], accumulator: Accumulator
 ) -> None:
     """Fallback without an architecture adapter: whole forward passes with the same hooks (no lens)."""
     modules = {name: model.get_submodule(name) for name in module_names}
