@@ -129,10 +129,18 @@ def add_compress_parser(benchmarks: argparse._SubParsersAction) -> None:
     add_compress(benchmarks)
 
 
+def add_scale_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench scale` (streamed compression's time and memory against model size)."""
+    from masa.bench.scale import add_parser as add_scale
+
+    add_scale(benchmarks)
+
+
 BENCHMARKS = (
     add_train_parser,
     add_speed_parser,
     add_compress_parser,
+    add_scale_parser,
 )  # one registration function per benchmark
 
 

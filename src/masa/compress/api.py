@@ -145,6 +145,8 @@ def compress(
     seconds: dict[str, float] = {}
     reused = stats is not None
     blockwise = is_blockwise(method, layout)
+    if method.needs and stats is None:
+        check_calib_len(model, config)
     if mode is None:
         mode = DEFAULT_MODE if blockwise and stats is None else "original"
     if check_mode(mode) == "sequential" and not blockwise:
@@ -174,6 +176,16 @@ def compress(
         install(model, replacement)
         report = replacement.report
     return _result(model, layout, config, method, stats, reused, total_before, seconds, report, mode)
+
+
+def check_calib_len(model: nn.Module, config: CompressConfig) -> None:
+    """Refuse calibration sequences longer than the positions the model was built for."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and config.calib_len > positions:
+        raise ValueError(
+            f"calibration sequences of {config.calib_len} tokens exceed the model's {positions} positions: pass "
+            f"--calib-len (calib_len=) <= {positions}"
+        )
 
 
 def _tokens(calib, tokenizer, config: CompressConfig) -> torch.Tensor:

@@ -38,7 +38,7 @@ from masa.compress.layout import Layout, Target
 from masa.compress.registry import Method
 
 CALIBRATION_MODES = ("original", "sequential")
-DEFAULT_MODE = "sequential"  # measured better on the bench model: docs/results/scale/calibration-modes.md
+DEFAULT_MODE = "original"  # measured: docs/results/scale/README.md (equal quality, cacheable, no refit pass)
 # methods whose fit of a layer reads only that layer's weight and statistics (the unit is one block)
 BLOCKWISE_METHODS = ("svd", "asvd", "svd-llm")
 BATCH_SIZE = 8
@@ -127,8 +127,6 @@ def fit_blockwise(
             model, blocks, list(tokens.to(model_device(model)).split(BATCH_SIZE)), access
         )
         run.add_time("calibration", start)
-    grams: dict[str, torch.Tensor] = {}
-    abs_mean: dict[str, torch.Tensor] = {}
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
         targets = [t for t in layout.targets if t.block == i]
@@ -140,8 +138,6 @@ def fit_blockwise(
             with accumulator.hooks({t.name: model.get_submodule(t.name) for t in targets}):
                 outputs, _ = feed.run(i, blocks[i], accumulator)
             block_grams, block_means = accumulator.shared(tokens.numel())
-            grams.update(block_grams)
-            abs_mean.update(block_means)
             block_stats = CalibrationStats(block_grams, block_means, tokens.numel(), None, *tokens.shape)
             run.add_time("calibration", start)
         if targets:
@@ -162,8 +158,8 @@ def fit_blockwise(
             meter.sample()
             run.add_time("calibration", start)
         access.done(i)
-    if feed is not None:
+    if feed is not None:  # a summary: each block's statistics were dropped once it was fitted
         run.calibration = CalibrationStats(
-            grams, abs_mean, tokens.numel(), None, *tokens.shape, meter.bytes(), run.seconds["calibration"]
+            {}, {}, tokens.numel(), None, *tokens.shape, meter.bytes(), run.seconds["calibration"]
         )
     return run
