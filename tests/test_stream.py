@@ -150,3 +150,13 @@ def test_compress_cli_device_dtype_and_bad_paths(saved_llama, capsys):
     report = json.loads((root / "r.json").read_text())
     assert report["memory"]["streamed"] and report["calibration"]["mode"] == "original"
     assert next(masa.load(root / "lm").parameters()).dtype == torch.bfloat16
+
+
+def test_streamed_eval_equals_in_memory(tmp_path):
+    from masa.eval.perplexity import perplexity
+    from masa.eval.streamed import StreamedCausalLM
+
+    directory = checkpoints.sharded(tmp_path / "m")
+    ids = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(1))
+    expected = perplexity(masa.load(directory), ids, seq_len=32, progress=False)
+    assert perplexity(StreamedCausalLM(directory), ids, seq_len=32, progress=False) == expected
