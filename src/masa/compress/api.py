@@ -145,8 +145,6 @@ def compress(
     seconds: dict[str, float] = {}
     reused = stats is not None
     blockwise = is_blockwise(method, layout)
-    if method.needs and stats is None:
-        check_calib_len(model, config)
     if mode is None:
         mode = DEFAULT_MODE if blockwise and stats is None else "original"
     if check_mode(mode) == "sequential" and not blockwise:
@@ -161,7 +159,7 @@ def compress(
     if blockwise:
         tokens = None
         if method.needs and stats is None:
-            tokens = _tokens(calib, tokenizer, config)
+            tokens = _tokens(model, calib, tokenizer, config)
         run = fit_blockwise(
             model, layout, config, method, tokens=tokens, stats=stats, mode=mode, progress=progress
         )
@@ -178,19 +176,22 @@ def compress(
     return _result(model, layout, config, method, stats, reused, total_before, seconds, report, mode)
 
 
-def check_calib_len(model: nn.Module, config: CompressConfig) -> None:
-    """Refuse calibration sequences longer than the positions the model was built for."""
+def check_calib_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse calibration sequences of ``seq_len`` tokens beyond the positions the model was built for."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and config.calib_len > positions:
+    if isinstance(positions, int) and seq_len > positions:
         raise ValueError(
-            f"calibration sequences of {config.calib_len} tokens exceed the model's {positions} positions: pass "
+            f"calibration sequences of {seq_len} tokens exceed the model's {positions} positions: pass "
             f"--calib-len (calib_len=) <= {positions}"
         )
 
 
-def _tokens(calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+def _tokens(model: nn.Module, calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+    """The calibration batch (N, T), its length checked against the model's positions before tokenizing."""
     if calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data: pass calib= (text or token ids)")
+    given = isinstance(calib, torch.Tensor) and calib.ndim == 2
+    check_calib_len(model, calib.shape[1] if given else config.calib_len)
     return calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
 
 
@@ -251,11 +252,7 @@ def _statistics(
     from the calibration tokens when asked); records the time of each phase in ``seconds``."""
     names, reused, tokens = layout.names, stats is not None, None
     if stats is None:
-        if calib is None:
-            raise ValueError(
-                f"method {config.method!r} needs calibration data: pass calib= (text or token ids)"
-            )
-        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        tokens = _tokens(model, calib, tokenizer, config)
         start = time.perf_counter()
         stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
         seconds["calibration"] = time.perf_counter() - start

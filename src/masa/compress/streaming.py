@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from masa.arch import find_blocks, get_adapter
-from masa.compress.api import CompressResult, _result, _stored_numbers, _tokens, check_calib_len
+from masa.compress.api import CompressResult, _result, _stored_numbers, _tokens
 from masa.compress.blockwise import DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration.collect import BlockAccess, CalibrationStats, PeakMemory, calibrate
 from masa.compress.config import CompressConfig
@@ -104,9 +104,7 @@ def compress_checkpoint(
             "pass --calib-mode original"
         )
     seconds["load"] = time.perf_counter() - start
-    if method.needs:
-        check_calib_len(model, config)
-    tokens = _tokens(calib, tokenizer, config) if method.needs else None
+    tokens = _tokens(model, calib, tokenizer, config) if method.needs else None
     writer = ShardWriter(out)
     try:
         access = StreamedBlocks(streamed, blocks_path, writer, meter)
