@@ -110,6 +110,8 @@ def test_stats_round_trip_and_cache(tokens, tmp_path):
     key = calibration_cache_key(model, tokens, names)
     assert key != calibration_cache_key(model, tokens[:, :-1], names)
     assert key != calibration_cache_key(model, tokens, names[:-1])
+    assert key != calibration_cache_key(model, tokens, names, mode="sequential")
+    assert key != calibration_cache_key(model, tokens, names, dtype=torch.bfloat16)
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1.0
     assert key != calibration_cache_key(model, tokens, names)
