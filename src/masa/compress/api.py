@@ -123,8 +123,9 @@ def compress(
 ) -> CompressResult:
     """Compress ``model`` in place (on its device, in its dtype) as ``config`` says and check the ratio reached.
 
-    Per-layer methods (``svd``, ``asvd``, ``svd-llm``) fit block by block (``masa.compress.blockwise``);
-    the others fit all targets at once from statistics of the whole model.
+    Per-layer methods (``svd``, ``asvd``, ``svd-llm``) calibrating here fit block by block, ranks chosen per
+    block (``masa.compress.blockwise``, as a streamed compression does); given ``stats`` and the other
+    methods fit all targets at once.
 
     Args:
         calib: calibration text (eval-set name or file, tokenized with ``tokenizer``) or token ids;
@@ -144,7 +145,12 @@ def compress(
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
-    blockwise = is_blockwise(method, layout)
+    if stats is not None and mode == "sequential":
+        raise ValueError(
+            "sequential calibration measures each block after the previous ones are compressed, so "
+            "precomputed statistics cannot be used: pass mode='original' with stats=, or drop stats="
+        )
+    blockwise = is_blockwise(method, layout) and stats is None  # given statistics: one fit over all targets
     if mode is None:
         mode = DEFAULT_MODE if blockwise and stats is None else "original"
     if check_mode(mode) == "sequential" and not blockwise:
