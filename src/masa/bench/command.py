@@ -178,6 +178,13 @@ def add_infer_parser(benchmarks: argparse._SubParsersAction) -> None:
     add_infer(benchmarks)
 
 
+def add_scale_parser(benchmarks: argparse._SubParsersAction) -> None:
+    """Register `masa bench scale` (streamed compression's time and memory against model size)."""
+    from masa.bench.scale import add_parser as add_scale
+
+    add_scale(benchmarks)
+
+
 BENCHMARKS = (
     add_train_parser,
     add_speed_parser,
@@ -185,6 +192,7 @@ BENCHMARKS = (
     add_compress_parser,
     add_recovery_parser,
     add_infer_parser,
+    add_scale_parser,
 )  # one registration function per benchmark
 
 

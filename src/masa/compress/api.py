@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from masa.accounting import count
+from masa.compress.blockwise import BLOCKWISE_METHODS, DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration import CalibrationStats, cached_calibrate, with_fisher
 from masa.compress.config import CompressConfig
 from masa.compress.install import install
@@ -43,6 +44,7 @@ class CompressResult:
     calibration: dict | None
     report: dict
     info: dict  # for the ``masa`` block of config.json: masa.save(model, out, info=result.info)
+    memory: dict | None = None  # streamed compressions: peak host/device memory growth and the files' size
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +62,12 @@ class CompressResult:
             lines.append(
                 f"  calibration: {c['samples']} x {c['seq_len']} tokens ({c['rows']} rows), "
                 f"peak memory +{c['peak_memory_mb']:.1f} MiB"
+            )
+        if self.memory:
+            m = self.memory
+            device = f", device +{m['peak_device_mb']:.0f} MiB" if m.get("peak_device_mb") is not None else ""
+            lines.append(
+                f"  streamed: peak memory host +{m['peak_host_mb']:.0f} MiB{device} (weight files {m['file_mb']:.0f} MiB)"
             )
         return "\n".join(lines)
 
@@ -112,8 +120,13 @@ def compress(
     cache_dir: str | os.PathLike | None = None,
     source: str | os.PathLike | None = None,
     progress: Callable | None = None,
+    mode: str | None = None,
 ) -> CompressResult:
-    """Compress ``model`` in place as ``config`` says and check the ratio reached.
+    """Compress ``model`` in place (on its device, in its dtype) as ``config`` says and check the ratio reached.
+
+    Every method fits all targets at once from statistics of the original model's activations; with
+    ``mode="sequential"`` the per-layer methods (``svd``, ``asvd``, ``svd-llm``) instead fit block by block,
+    each block calibrated on the outputs of the already compressed ones (``masa.compress.blockwise``).
 
     Args:
         calib: calibration text (eval-set name or file, tokenized with ``tokenizer``) or token ids;
@@ -122,20 +135,46 @@ def compress(
         cache_dir: reuse/store statistics there, keyed by model, tokens and targets.
         source: the directory the model was loaded from (a cheap cache key).
         progress: iterator wrapper for the per-block calibration loop (e.g. ``tqdm``).
+        mode: calibration on the ``original`` model's activations, or ``sequential`` on the outputs of the
+            already compressed blocks (per-layer methods only; statistics are then neither given nor cached).
+            None: ``masa.compress.blockwise.DEFAULT_MODE`` (``original``).
     Raises ValueError when the reached ratio is off by more than 1 % (the model is then left changed).
     """
     require_module(model, "masa.compress.compress")
     method = get_method(config.method)
     layout = resolve_layout(model, config)
-    names = layout.names
-    target_before = sum(t.dense for t in layout.targets)
     total_before = _stored_numbers(model)
     seconds: dict[str, float] = {}
     reused = stats is not None
+    if stats is not None and mode == "sequential":
+        raise ValueError(
+            "sequential calibration measures each block after the previous ones are compressed, so "
+            "precomputed statistics cannot be used: pass mode='original' with stats=, or drop stats="
+        )
+    # Block by block only for sequential calibration: in the original mode one fit over all targets
+    # lets the budget move across blocks (whitened-error allocation), as the benchmarks measure it.
+    blockwise = check_mode(mode or DEFAULT_MODE) == "sequential"
+    if blockwise and (not is_blockwise(method, layout) or config.compensate):
+        raise ValueError(
+            f"sequential calibration fits block by block, which method {config.method!r} on these targets "
+            f"{'with --compensate ' if config.compensate else ''}does not (per-layer methods "
+            f"{', '.join(BLOCKWISE_METHODS)} on layers inside the blocks): pass mode='original' "
+            "(--calib-mode original)"
+        )
+    mode = "sequential" if blockwise else "original"
+    if blockwise:
+        tokens = _tokens(model, calib, tokenizer, config) if method.needs else None
+        run = fit_blockwise(
+            model, layout, config, method, tokens=tokens, stats=None, mode=mode, progress=progress
+        )
+        seconds = {**seconds, **run.seconds}
+        return _result(
+            model, layout, config, method, run.calibration, False, total_before, seconds, run.report, mode
+        )
     needs = (*method.needs, "grams") if config.compensate and "grams" not in method.needs else method.needs
     if needs:
         stats, reused = _statistics(model, layout, config, needs, calib, tokenizer, stats,
-                                            cache_dir, source, progress, seconds)  # fmt: skip
+                                    cache_dir, source, progress, seconds)  # fmt: skip
     start = time.perf_counter()
     with torch.no_grad():
         if config.compensate:  # EoRA after the method, its numbers in the same budget
@@ -146,7 +185,45 @@ def compress(
             replacement = method.fn(layout, stats if method.needs else None, config)
     seconds["factorisation"] = time.perf_counter() - start
     install(model, replacement)
-    report = replacement.report
+    return _result(
+        model, layout, config, method, stats, reused, total_before, seconds, replacement.report, mode
+    )
+
+
+def check_calib_len(model: nn.Module, seq_len: int) -> None:
+    """Refuse calibration sequences of ``seq_len`` tokens beyond the positions the model was built for."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise ValueError(
+            f"calibration sequences of {seq_len} tokens exceed the model's {positions} positions: pass "
+            f"--calib-len (calib_len=) <= {positions}"
+        )
+
+
+def _tokens(model: nn.Module, calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+    """The calibration batch (N, T), its length checked against the model's positions before tokenizing."""
+    if calib is None:
+        raise ValueError(f"method {config.method!r} needs calibration data: pass calib= (text or token ids)")
+    given = isinstance(calib, torch.Tensor) and calib.ndim == 2
+    check_calib_len(model, calib.shape[1] if given else config.calib_len)
+    return calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+
+
+def _result(
+    model: nn.Module,
+    layout: Layout,
+    config: CompressConfig,
+    method,
+    stats: CalibrationStats | None,
+    reused: bool,
+    total_before: int,
+    seconds: dict[str, float],
+    report: dict,
+    mode: str,
+) -> CompressResult:
+    """Check the ratio reached and describe the compression."""
+    names = layout.names
+    target_before = sum(t.dense for t in layout.targets)
     total_after = _stored_numbers(model)
     target_after = target_before - (total_before - total_after)  # nothing outside the targets changes
     reached = 1.0 - target_after / target_before
@@ -156,7 +233,7 @@ def compress(
             f"{len(names)} targeted modules (biases included, the accounting of docs/compression.md); their shapes are too coarse for this "
             "budget: choose another ratio or more/larger targets"
         )
-    calibration = {**stats.summary(), "reused": reused} if needs else None
+    calibration = {**stats.summary(), "reused": reused, "mode": mode} if stats is not None else None
     info = {
         "method": config.method,
         "ratio": config.ratio,
@@ -190,11 +267,7 @@ def _statistics(
     from the calibration tokens when asked); records the time of each phase in ``seconds``."""
     names, reused, tokens = layout.names, stats is not None, None
     if stats is None:
-        if calib is None:
-            raise ValueError(
-                f"method {config.method!r} needs calibration data: pass calib= (text or token ids)"
-            )
-        tokens = calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
+        tokens = _tokens(model, calib, tokenizer, config)
         start = time.perf_counter()
         stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
         seconds["calibration"] = time.perf_counter() - start

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_CACHE = Path.home() / ".cache" / "masa" / "calib"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -75,6 +77,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="calibrate afresh and store nothing")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="cpu|cuda|cuda:N|mps|auto",
+        help="torch device to compress on (default cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="dtype the weights are read and kept in (default auto: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--calib-mode",
+        choices=("original", "sequential"),
+        help="calibrate each block on the original model's activations, or on the outputs of the already "
+        "compressed blocks (default original: measured as good and cacheable; sequential applies to svd, asvd and svd-llm)",
+    )
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="stream the model from its files block by block (peak memory about one block plus embeddings "
+        "and head, reported); the output equals the in-memory result",
+    )
+    parser.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -89,6 +115,7 @@ def run(args: argparse.Namespace) -> None:
     from masa.io.lock import directory_lock
 
     out = Path(args.out)
+    _check_paths(Path(args.model), out, args.json)
     with directory_lock(out):  # a second compress to the same --out is refused, naming this one
         _check_out(out, args.overwrite)
         report, result = _compress(args, out)
@@ -103,6 +130,23 @@ def run(args: argparse.Namespace) -> None:
     print(f"  saved {out} ({report['file_bytes'] / 2**20:.2f} MiB of weights){reused}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_paths(model: Path, out: Path, json_path: str | None) -> None:
+    """Before any work: --out must not be (or hold) the input, and --out's and --json's places must be writable."""
+    source, target = model.resolve(), out.resolve()
+    if target == source or target in source.parents:
+        raise ValueError(
+            f"--out {out} is the input model directory or holds it; writing there would destroy the input "
+            "(even with --overwrite): choose another --out"
+        )
+    places = [(out, "--out")] + ([(Path(json_path), "--json")] if json_path not in (None, "-") else [])
+    for path, flag in places:
+        parent = next((p for p in [path.resolve(), *path.resolve().parents] if p.exists()), None)
+        if parent is not None and parent.is_dir() and not os.access(parent, os.W_OK):
+            raise PermissionError(f"{flag} {path}: {parent} is not writable; choose another path")
+        if flag == "--json" and path.is_dir():
+            raise IsADirectoryError(f"--json {path} is a directory; give a file path")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -128,30 +172,37 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
     needs_calibration = bool(get_method(config.method).needs) or config.compensate is not None
     if needs_calibration and not args.calib:
         raise ValueError(f"method {config.method!r} calibrates: pass --calib FILE or an eval-set name")
-    start = time.perf_counter()
-    model = load(args.model)
+    device, dtype = _device_dtype(args.device, args.dtype)
     tokenizer = load_tokenizer(args.model) if needs_calibration else None
-    load_seconds = time.perf_counter() - start
+    calib = args.calib if needs_calibration else None
     quiet = args.json == "-"
-    result = compress(
-        model,
-        config,
-        args.calib if needs_calibration else None,
-        tokenizer,
-        cache_dir=None if args.no_cache else args.cache_dir,
-        source=args.model,
-        progress=lambda blocks: tqdm(
-            blocks, desc="calibrating", unit="block", disable=quiet, file=sys.stderr
-        ),
-    )
-    start = time.perf_counter()
-    try:
-        save(model, out, files_from=args.model, info=result.info, overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise FileExistsError(
-            f"{out} appeared while compressing; choose another --out or pass --overwrite"
-        ) from err
-    result.seconds = {"load": load_seconds, **result.seconds, "save": time.perf_counter() - start}
+
+    def progress(blocks):
+        return tqdm(blocks, desc="compressing", unit="block", disable=quiet, file=sys.stderr)
+
+    if args.low_memory:
+        from masa.compress.streaming import compress_checkpoint
+
+        result = compress_checkpoint(
+            args.model, config, out, calib, tokenizer, device=device, dtype=dtype, mode=args.calib_mode,
+            overwrite=args.overwrite, progress=progress,
+        )  # fmt: skip
+    else:
+        start = time.perf_counter()
+        model = load(args.model, device=device, dtype=dtype)
+        load_seconds = time.perf_counter() - start
+        result = compress(
+            model, config, calib, tokenizer, cache_dir=None if args.no_cache else args.cache_dir,
+            source=args.model, progress=progress, mode=args.calib_mode,
+        )  # fmt: skip
+        start = time.perf_counter()
+        try:
+            save(model, out, files_from=args.model, info=result.info, overwrite=args.overwrite)
+        except FileExistsError as err:
+            raise FileExistsError(
+                f"{out} appeared while compressing; choose another --out or pass --overwrite"
+            ) from err
+        result.seconds = {"load": load_seconds, **result.seconds, "save": time.perf_counter() - start}
     report = {
         **result.as_dict(),
         "model": str(args.model),
@@ -159,6 +210,24 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
         "file_bytes": _weights_bytes(out),
     }
     return report, result
+
+
+def _device_dtype(device: str, dtype: str):
+    """The checked torch device and dtype (None: the checkpoint's own) of --device / --dtype."""
+    import torch
+
+    from masa.runtime import resolve_device
+
+    resolved = resolve_device(device)
+    chosen = None if dtype == "auto" else getattr(torch, dtype)
+    if chosen is not None:
+        try:
+            torch.ones(2, 2, dtype=chosen, device=resolved) @ torch.ones(2, 2, dtype=chosen, device=resolved)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"--dtype {dtype} cannot run on --device {resolved} ({err}); choose float32 or another device"
+            ) from err
+    return resolved, chosen
 
 
 def _weights_bytes(directory: Path) -> int:

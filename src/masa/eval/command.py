@@ -67,6 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
     add_runtime_argument(parser)
     parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="read the model (and --reference) block by block from its files on every batch instead of "
+        "loading it: memory about one block plus embeddings and head",
+    )
+    parser.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -90,8 +96,14 @@ def run(args: argparse.Namespace) -> None:
     names = args.data or [DEFAULT_DATA]
     texts = {name: load_eval_text(name) for name in names}  # fail on a bad name before loading models
     device = resolve_device(args.device)
-    model = load(args.model, device=device, runtime=args.runtime)
-    reference = load(args.reference).to(device) if args.reference else None
+    if args.low_memory:
+        from masa.eval.streamed import StreamedCausalLM
+
+        model = StreamedCausalLM(args.model, device=device)
+        reference = StreamedCausalLM(args.reference, device=device) if args.reference else None
+    else:
+        model = load(args.model, device=device, runtime=args.runtime)
+        reference = load(args.reference).to(device) if args.reference else None
     tokenizer = load_tokenizer(args.model)
     quiet = args.json == "-"
     report = {

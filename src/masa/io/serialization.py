@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -145,6 +145,7 @@ def save(
     files_from: str | os.PathLike | None = None,
     info: dict | None = None,
     overwrite: bool = False,
+    weights: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save ``model`` (shared, compressed or plain) as a self-describing directory, atomically.
 
@@ -155,6 +156,8 @@ def save(
         info: extra fields for the ``masa`` block of config.json (method, ratio, calibration ...).
         overwrite: replace an existing directory (only once the new one is completely written); an
             existing empty directory is used without it.
+        weights: writes the weight files into the directory being saved instead of the model's tensors
+            (a streamed compression's shards: ``masa.io.stream.ShardWriter.finish``).
     """
     from masa import __version__
     from masa.accounting import count
@@ -170,7 +173,10 @@ def save(
         block["params"] = count(model).as_dict()
     config["masa"] = block
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_weights(model, tmp / WEIGHTS_NAME)
+        if weights is None:
+            save_weights(model, tmp / WEIGHTS_NAME)
+        else:
+            weights(tmp)
         write_json(tmp / CONFIG_NAME, config)
         if source is not None:
             _copy_files(Path(source), tmp, with_tokenizer=tokenizer is None)

@@ -14,13 +14,19 @@ from torch import nn
 
 from masa.compress.calibration.collect import CalibrationStats, calibrate
 
-STATS_VERSION = 2  # bump when the statistics or their file layout change (invalidates caches)
+STATS_VERSION = 3  # bump when the statistics or their file layout change (invalidates caches)
 
 
 def calibration_cache_key(
-    model: nn.Module | str | os.PathLike, tokens: torch.Tensor, module_names: list[str]
+    model: nn.Module | str | os.PathLike,
+    tokens: torch.Tensor,
+    module_names: list[str],
+    *,
+    mode: str = "original",
+    dtype: torch.dtype | None = None,
 ) -> str:
-    """A hex digest identifying (model weights, calibration tokens, target modules).
+    """A hex digest identifying (model weights, calibration tokens, target modules, calibration mode, the
+    dtype the model ran in).
 
     A model directory is identified by its config.json and its weight files' names, sizes and
     modification times (no need to read gigabytes); an in-memory model by the bytes of its state dict.
@@ -41,6 +47,7 @@ def calibration_cache_key(
     digest.update(str(tuple(tokens.shape)).encode())
     digest.update(tokens.numpy().tobytes())
     digest.update(json.dumps(sorted(module_names)).encode())
+    digest.update(f"mode={mode};dtype={dtype}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -107,10 +114,12 @@ def cached_calibrate(
     """:func:`calibrate` through a cache directory (None: no cache); returns (stats, whether it was cached).
 
     ``source`` (the model directory it was loaded from) makes the key cheap; else the weights are hashed.
+    Only ``original``-mode statistics are cached (sequential ones depend on the compression itself).
     """
     if cache_dir is None:
         return calibrate(model, tokens, module_names, **kwargs), False
-    key = calibration_cache_key(source if source is not None else model, tokens, module_names)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    key = calibration_cache_key(source if source is not None else model, tokens, module_names, dtype=dtype)
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.exists():
         return load_stats(path), True

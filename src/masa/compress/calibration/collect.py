@@ -3,7 +3,7 @@
 The N calibration sequences are streamed through the model one block at a time: the inputs of the
 first block (and the keyword arguments the model passes it: attention mask, rotary tables, position
 ids ...) are captured once, then each block runs on the stored hidden states while forward pre-hooks on
-its target layers accumulate X^T X in float64 (once per distinct input: Q, K and V share one) and the
+its target layers accumulate X^T X (float32 per batch, summed in float64; once per distinct input: Q, K and V share one) and the
 channel means of |x|. The block's outputs become the next block's inputs, so peak memory is about one
 block's activations, the stored hidden states and the Gram matrices. Causal LMs also get the logit-lens
 drift between consecutive blocks (MASA's grouping signal).
@@ -75,7 +75,7 @@ class CalibrationStats:
 # ------------------------------------------------------------------------------------------ memory
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory above the starting point: the CUDA allocator's peak, else sampled process RSS."""
 
     def __init__(self, device: torch.device):
@@ -107,13 +107,23 @@ class _PeakMemory:
 # ------------------------------------------------------------------------------------- accumulation
 
 
-class _Accumulator:
-    """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules."""
+def sum_device(device: torch.device) -> torch.device:
+    """Where float64 sums live: the model's device, or the CPU for MPS (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
-    def __init__(self, meter: _PeakMemory):
+
+class Accumulator:
+    """Forward pre-hooks summing X^T X and |x| per distinct input of the hooked modules.
+
+    Each batch's X^T X is computed in float32 on the model's device (fast on a GPU, bf16/fp16 inputs
+    upcast first) and the batches are summed in float64 (on the CPU for MPS, which has no float64).
+    """
+
+    def __init__(self, meter: PeakMemory):
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.meter = meter
+        self.sum_device = sum_device(meter.device)
         self._owner: dict[str, str] = {}  # module name -> name of the module whose sums it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one forward
 
@@ -138,12 +148,17 @@ class _Accumulator:
                 return
             self._seen[id(x)] = (x, name)
             owner = self._owner.setdefault(name, name)
-            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (B*T, d_in)
+            rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (B*T, d_in), on the model's device
             if owner not in self.grams:
-                self.grams[owner] = rows.new_zeros(rows.shape[1], rows.shape[1])
-                self.abs_sums[owner] = rows.new_zeros(rows.shape[1])
-            self.grams[owner].addmm_(rows.T, rows)
-            self.abs_sums[owner] += rows.abs().sum(0)
+                self.grams[owner] = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+                                                   device=self.sum_device)  # fmt: skip
+                self.abs_sums[owner] = rows.new_zeros(
+                    rows.shape[1], dtype=torch.float64, device=self.sum_device
+                )
+            self.grams[owner] += (rows.T @ rows).to(
+                self.sum_device, torch.float64
+            )  # fp32 per batch, fp64 sum
+            self.abs_sums[owner] += rows.abs().sum(0, dtype=torch.float64).to(self.sum_device)
             self.meter.sample()
 
         return hook
@@ -167,7 +182,7 @@ def _model_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _attention_kinds(model: nn.Module, n_blocks: int) -> list[object]:
+def attention_kinds(model: nn.Module, n_blocks: int) -> list[object]:
     """What decides the keyword arguments each block receives: the config's ``layer_types`` where the
     family mixes them (Gemma-2/3: sliding-window and global layers get different masks and rotary
     tables), else one kind for all."""
@@ -180,7 +195,7 @@ def _capture_block_inputs(
 ) -> tuple[list[int], list[list[tuple[tuple, dict]]]]:
     """The (args, kwargs) each batch passes to the first block of each attention kind, and for every block
     the index of the kind whose arguments it takes. The forward stops at the last such first block."""
-    kinds = _attention_kinds(model, len(blocks))
+    kinds = attention_kinds(model, len(blocks))
     firsts = [kinds.index(k) for k in dict.fromkeys(kinds)]  # first block of each kind, in order
     kind_of = [firsts.index(kinds.index(k)) for k in kinds]
     captured: list[list[tuple[tuple, dict]]] = [[] for _ in batches]
@@ -239,6 +254,14 @@ def _lens_kl(lens: list[nn.Module], before: torch.Tensor, after: torch.Tensor) -
     return total, before.shape[0]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's loaded parameters (a streamed skeleton keeps the others on ``meta``)."""
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    raise ValueError("the model has no loaded parameter to tell its device")
+
+
 def _has_adapter(model: nn.Module) -> bool:
     try:
         get_adapter(model)
@@ -280,11 +303,13 @@ def calibrate(
     logit_lens: bool = True,
     batch_size: int = 8,
     progress: Callable[[Iterator], Iterator] | None = None,
+    access: BlockAccess | None = None,
 ) -> CalibrationStats:
     """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens`` (N, T).
 
     Streams block by block for models with an architecture adapter; other models run whole forward
-    passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``).
+    passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``); ``access`` loads
+    and frees each block's weights around its turn (a streamed model).
     """
     if tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
         raise ValueError(
@@ -292,11 +317,11 @@ def calibrate(
         )
     if not module_names:
         raise ValueError("no modules to calibrate: give at least one target module name")
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokens.to(device)
     batches = list(tokens.split(batch_size))
-    start, meter = time.perf_counter(), _PeakMemory(device)
-    accumulator = _Accumulator(meter)
+    start, meter = time.perf_counter(), PeakMemory(device)
+    accumulator = Accumulator(meter)
     was_training = model.training
     model.eval()
     streamed = _has_adapter(model)
@@ -304,7 +329,9 @@ def calibrate(
         if streamed:
             blocks, per_block = _block_modules(model, module_names)
             lens = _lens(model) if logit_lens else None
-            block_kl = _stream(model, batches, blocks, per_block, accumulator, lens, progress)
+            block_kl = _stream(
+                model, batches, blocks, per_block, accumulator, lens, progress, access or BlockAccess()
+            )
         else:
             _calibrate_whole(model, batches, module_names, accumulator)
             block_kl = None
@@ -319,41 +346,101 @@ def calibrate(
     )  # fmt: skip
 
 
+class BlockAccess:
+    """Makes block i's weights available and disposes of them; this base class is for a model in memory
+    (no-ops). A streamed model reads the block from its files and frees it (``masa.compress.streaming``)."""
+
+    def load(self, index: int) -> None:
+        """Block ``index``'s weights are needed now."""
+
+    def done(self, index: int) -> None:
+        """Block ``index`` will not run again."""
+
+
+@dataclass
+class BlockFeed:
+    """The inputs of the blocks while streaming: per batch the captured (args, kwargs) of each attention
+    kind, the current hidden states (B, T, d), and for every block the index of its kind."""
+
+    kind_of: list[int]
+    captured: list[list[tuple[tuple, dict]]]
+    hidden: list[torch.Tensor]
+
+    @classmethod
+    def capture(
+        cls,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        batches: list[torch.Tensor],
+        access: BlockAccess | None = None,
+    ) -> BlockFeed:
+        """The first block's inputs per batch. Blocks that run before the first block of the last attention
+        kind (Gemma-2/3 alternate two) are loaded through ``access`` for the capture."""
+        kinds = attention_kinds(model, len(blocks))
+        for i in range(max(kinds.index(k) for k in dict.fromkeys(kinds))):
+            (access or BlockAccess()).load(i)
+        kind_of, captured = _capture_block_inputs(model, blocks, batches)
+        hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in captured)]
+        return cls(kind_of, captured, hidden)
+
+    def run(
+        self,
+        i: int,
+        block: nn.Module,
+        accumulator: Accumulator | None = None,
+        lens: list[nn.Module] | None = None,
+    ) -> tuple[list[torch.Tensor], float | None]:
+        """Block ``i``'s outputs per batch on the current hidden states (not stored: see ``advance``), and
+        the mean logit-lens KL between its inputs and outputs when ``lens`` is given."""
+        outputs, kl_sum, kl_rows = [], 0.0, 0
+        for b, per_kind in enumerate(self.captured):
+            args, kwargs = per_kind[self.kind_of[i]]
+            if accumulator is not None:
+                accumulator.new_forward()
+            call_args, call_kwargs = _replace_hidden(args, kwargs, self.hidden[b])
+            out = _hidden(block(*call_args, **call_kwargs))  # (B, T, d)
+            if lens is not None:
+                kl, rows = _lens_kl(lens, self.hidden[b], out)
+                kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
+            outputs.append(out)
+            if accumulator is not None:
+                accumulator.meter.sample()
+        if accumulator is not None:
+            accumulator.new_forward()
+        return outputs, (kl_sum / kl_rows if lens is not None else None)
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next block's inputs are ``outputs``."""
+        self.hidden = outputs
+
+
 def _stream(
     model: nn.Module,
     batches: list[torch.Tensor],
     blocks: nn.ModuleList,
     per_block: list[dict[str, nn.Module]],
-    accumulator: _Accumulator,
+    accumulator: Accumulator,
     lens: list[nn.Module] | None,
     progress: Callable | None,
+    access: BlockAccess,
 ) -> list[float] | None:
     """Run the blocks one at a time over the stored hidden states; returns the logit-lens KLs."""
-    kind_of, inputs = _capture_block_inputs(model, blocks, batches)  # per batch: (args, kwargs) per kind
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in (b[0] for b in inputs)]
+    feed = BlockFeed.capture(model, blocks, batches, access)
     block_kl: list[float] = []
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
-        kl_sum = kl_rows = 0
+        access.load(i)
         with accumulator.hooks(per_block[i]):
-            for b, per_kind in enumerate(inputs):
-                args, kwargs = per_kind[kind_of[i]]
-                accumulator.new_forward()
-                call_args, call_kwargs = _replace_hidden(args, kwargs, hidden[b])
-                out = _hidden(blocks[i](*call_args, **call_kwargs))  # (B, T, d)
-                if lens is not None and i > 0:
-                    kl, rows = _lens_kl(lens, hidden[b], out)
-                    kl_sum, kl_rows = kl_sum + kl, kl_rows + rows
-                hidden[b] = out
-                accumulator.meter.sample()
-        accumulator.new_forward()
-        if lens is not None and i > 0:
-            block_kl.append(kl_sum / kl_rows)
+            outputs, kl = feed.run(i, blocks[i], accumulator, lens if i > 0 else None)
+        feed.advance(outputs)
+        access.done(i)
+        if kl is not None:
+            block_kl.append(kl)
     return block_kl if lens is not None else None
 
 
 def _calibrate_whole(
-    model: nn.Module, batches: list[torch.Tensor], module_names: list[str], accumulator: _Accumulator
+    model: nn.Module, batches: list[torch.Tensor], module_names: list[str], accumulator: Accumulator
 ) -> None:
     """Fallback without an architecture adapter: whole forward passes with the same hooks (no lens)."""
     modules = {name: model.get_submodule(name) for name in module_names}
