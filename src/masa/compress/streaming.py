@@ -6,7 +6,9 @@ read (``masa.io.stream.StreamedModel``). Per-layer methods then walk the blocks 
 one install step, written as a safetensors shard and freed. Methods that fit groups of blocks together
 (masa, Basis Sharing, CoSpaDi, fwsvd's whole-model gradients aside) first make a statistics pass that
 streams the blocks the same way, then hold the targeted blocks to fit them together and write them.
-Peak host memory is reported next to the file size.
+Peak host memory is reported next to the file size. A streamed per-layer method chooses its ranks block
+by block (the in-memory ``compress`` in the original mode chooses them over all targets at once, so its
+``whitened-error`` allocation can move rank across blocks; the two agree exactly in the sequential mode).
 """
 
 from __future__ import annotations
