@@ -172,3 +172,26 @@ def test_unfused_gpt2_targets_are_linears():
     model = build("gpt2", n_layer=1)
     names = _targets(model)
     assert "transformer.h.0.attn.c_attn.q_proj" in names and not unfuse(model)
+
+
+def test_cache_key_follows_the_weights_not_their_size_or_mtime(tmp_path):
+    """Two model directories with the same config, file size and modification time but other weights get
+    different calibration cache keys (the key samples the files' content)."""
+    import os
+
+    from tiny_models import build
+
+    import masa
+    from masa.compress.calibration import calibration_cache_key
+
+    for seed, name in ((0, "a"), (1, "b")):
+        masa.save(build("llama", n_layer=2, seed=seed), tmp_path / name)
+    for name in ("a", "b"):
+        os.utime(tmp_path / name / "model.safetensors", ns=(10**18, 10**18))
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    names = ["model.layers.0.self_attn.q_proj"]
+    a, b = (calibration_cache_key(tmp_path / n, tokens, names) for n in ("a", "b"))
+    assert (tmp_path / "a" / "model.safetensors").stat().st_size == (
+        tmp_path / "b" / "model.safetensors"
+    ).stat().st_size
+    assert a != b and a == calibration_cache_key(tmp_path / "a", tokens, names)

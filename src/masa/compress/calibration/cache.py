@@ -17,6 +17,22 @@ from masa.compress.calibration.collect import CalibrationStats, calibrate
 STATS_VERSION = 3  # bump when the statistics or their file layout change (invalidates caches)
 
 
+SAMPLES, CHUNK = 64, 1 << 16  # sampled content of a weight file: 64 chunks of 64 KiB (4 MiB at most)
+
+
+def _sample_file(path: Path, digest) -> None:
+    """Feed ``digest`` a weight file's name, size, safetensors header and evenly spaced content chunks."""
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) == 8:
+            digest.update(fh.read(min(int.from_bytes(head, "little"), size - 8)))  # the JSON header
+        for i in range(SAMPLES):
+            fh.seek(i * max(0, size - CHUNK) // (SAMPLES - 1))
+            digest.update(fh.read(CHUNK))
+
+
 def calibration_cache_key(
     model: nn.Module | str | os.PathLike,
     tokens: torch.Tensor,
@@ -28,8 +44,10 @@ def calibration_cache_key(
     """A hex digest identifying (model weights, calibration tokens, target modules, calibration mode, the
     dtype the model ran in).
 
-    A model directory is identified by its config.json and its weight files' names, sizes and
-    modification times (no need to read gigabytes); an in-memory model by the bytes of its state dict.
+    A model directory is identified by its config.json and, per weight file, its name, size, safetensors
+    header and a sampled digest of its content (``SAMPLES`` evenly spaced chunks of ``CHUNK`` bytes: a few
+    MiB read per file, not gigabytes, yet two different models of equal shape, size and modification time
+    get different keys); an in-memory model by the bytes of its state dict.
     """
     digest = hashlib.sha256(f"masa-calibration-v{STATS_VERSION}".encode())
     if isinstance(model, nn.Module):
@@ -41,8 +59,7 @@ def calibration_cache_key(
         directory = Path(model)
         digest.update((directory / "config.json").read_bytes())
         for file in sorted(directory.glob("*.safetensors")):
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            _sample_file(file, digest)
     tokens = tokens.detach().cpu().to(torch.int64).contiguous()
     digest.update(str(tuple(tokens.shape)).encode())
     digest.update(tokens.numpy().tobytes())
