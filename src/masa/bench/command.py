@@ -6,6 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from masa.cli_args import positive_int
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 TRAIN_PRESET_PREFIX = "bench_train_"
 
@@ -39,13 +41,6 @@ def resolve_train_preset(preset: str) -> Path:
         f"bench preset {preset!r} is neither bundled nor a file: use one of {', '.join(train_presets())} "
         "or the path of a TOML file with [model], [data], [train] and [bench]"
     )
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return number
 
 
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +82,7 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
     )
     _suite_arguments(parser)
     parser.add_argument(
-        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
+        "--seeds", type=positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
     )
     parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
     parser.set_defaults(func=run_train)
@@ -103,7 +98,7 @@ def add_speed_parser(benchmarks: argparse._SubParsersAction) -> None:
     )
     _suite_arguments(parser)
     parser.add_argument(
-        "--rounds", type=_positive_int, default=20, metavar="N", help="timed rounds (default 20)"
+        "--rounds", type=positive_int, default=20, metavar="N", help="timed rounds (default 20)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
@@ -133,7 +128,7 @@ def add_vit_parser(benchmarks: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", default="", help="TOML file (default: the bundled bench_vit_digits)")
     parser.add_argument(
-        "--seeds", type=_positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
+        "--seeds", type=positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
     parser.add_argument(

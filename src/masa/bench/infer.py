@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from masa.bench.report import Point, markdown_table, scatter_plot
+from masa.cli_args import positive_int
 from masa.io import write_json
 
 INFER_JSON, INFER_MD = "infer.json", "infer.md"
@@ -259,13 +260,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return number
-
-
 def add_parser(benchmarks: argparse._SubParsersAction) -> None:
     """Register `masa bench infer`."""
     from masa.nn.protocol import RUNTIMES
@@ -282,15 +276,15 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
         "--runtime", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="modes (default: both)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: cpu)")
-    parser.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="batch (default 8)")
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="B", help="batch (default 8)")
     parser.add_argument(
-        "--prompt-len", type=_positive_int, default=128, metavar="T", help="prefill tokens (default 128)"
+        "--prompt-len", type=positive_int, default=128, metavar="T", help="prefill tokens (default 128)"
     )
     parser.add_argument(
-        "--new-tokens", type=_positive_int, default=32, metavar="N", help="decoded tokens (default 32)"
+        "--new-tokens", type=positive_int, default=32, metavar="N", help="decoded tokens (default 32)"
     )
     parser.add_argument(
-        "--rounds", type=_positive_int, default=5, metavar="R", help="timed rounds (default 5)"
+        "--rounds", type=positive_int, default=5, metavar="R", help="timed rounds (default 5)"
     )
     parser.add_argument(
         "--warmup",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from masa.cli_args import positive_int
+
 
 def sample_text(
     directory: str,
@@ -46,14 +48,6 @@ def sample_text(
         generator = torch.Generator().manual_seed(seed)
         out = generate(model, input_ids, max_new_tokens, temperature, top_k, generator)  # (1, T + new)
     return decode(tok, out[0].tolist())
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (give 1 or more)")
-    return number
 
 
 def temperature(text: str) -> float:

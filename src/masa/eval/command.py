@@ -8,15 +8,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from masa.cli_args import positive_int
+
 DEFAULT_DATA = "wikitext2-test"
-
-
-def _positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return number
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,16 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--protocol", choices=PROTOCOLS, default="chunked", help="window protocol (default: chunked)"
     )
     parser.add_argument(
-        "--seq-len", type=_positive_int, required=True, metavar="T", help="window length in tokens"
+        "--seq-len", type=positive_int, required=True, metavar="T", help="window length in tokens"
     )
     parser.add_argument(
-        "--stride", type=_positive_int, metavar="S", help="window step for --protocol stride, 1..T"
+        "--stride", type=positive_int, metavar="S", help="window step for --protocol stride, 1..T"
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="B", help="windows per forward (default: 8)"
+        "--batch-size", type=positive_int, default=8, metavar="B", help="windows per forward (default: 8)"
     )
     parser.add_argument(
-        "--max-tokens", type=_positive_int, metavar="N", help="evaluate only the first N tokens of each text"
+        "--max-tokens", type=positive_int, metavar="N", help="evaluate only the first N tokens of each text"
     )
     parser.add_argument(
         "--reference",

@@ -70,6 +70,27 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def init_normal(
+    root: nn.Module,
+    std: float,
+    n_layer: int,
+    kinds: tuple[type, ...],
+    skip: nn.Module | None = None,
+    zero_bias: bool = False,
+) -> None:
+    """N(0, std) for the weights of every module of ``kinds`` (and low-rank factors) under ``root`` but
+    ``skip``; residual outputs (o_proj, down_proj) scaled by 1/sqrt(2 n_layer) (GPT-2); ``zero_bias``
+    zeroes their biases."""
+    for name, module in root.named_modules():
+        scaled = std / math.sqrt(2 * n_layer) if name.endswith(("o_proj", "down_proj")) else std
+        if isinstance(module, LowRankLinear):
+            module.reset_parameters(scaled)
+        elif isinstance(module, kinds) and module is not skip:
+            nn.init.normal_(module.weight, 0.0, scaled)
+            if zero_bias and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class MasaLM(nn.Module):
     """Decoder-only LM: ``forward(input_ids (B, T)) -> logits (B, T, vocab)``."""
 
@@ -106,14 +127,7 @@ class MasaLM(nn.Module):
     def _init_weights(self) -> None:
         """N(0, init_std) everywhere; residual outputs (o_proj, down_proj) scaled by 1/sqrt(2 L) (GPT-2)."""
         std = self.config.init_std
-        for name, module in self.named_modules():
-            scaled = (
-                std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else std
-            )
-            if isinstance(module, LowRankLinear):
-                module.reset_parameters(scaled)
-            elif isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.lm_head:
-                nn.init.normal_(module.weight, 0.0, scaled)
+        init_normal(self, std, self.config.n_layer, (nn.Linear, nn.Embedding), skip=self.lm_head)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
 

@@ -9,16 +9,15 @@ and MASA work exactly as in :class:`masa.model.MasaLM`: unique attention modules
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from masa.model.attention import Attention, LowRankLinear, module_assignment
+from masa.model.attention import Attention, module_assignment
 from masa.model.config import AttentionShape, check_attention_variant
-from masa.model.lm import Block, RMSNorm, attention_parameters
+from masa.model.lm import Block, RMSNorm, attention_parameters, init_normal
 
 POOLS = ("cls", "mean")
 _SHARED_MODULE_VARIANTS = ("seq-share", "cycle-share")
@@ -116,16 +115,7 @@ class MasaViT(nn.Module):
     def _init_weights(self) -> None:
         """N(0, init_std); residual outputs (o_proj, down_proj) scaled by 1/sqrt(2 L); zero classifier."""
         std = self.config.init_std
-        for name, module in self.named_modules():
-            scaled = (
-                std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else std
-            )
-            if isinstance(module, LowRankLinear):
-                module.reset_parameters(scaled)
-            elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.normal_(module.weight, 0.0, scaled)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_normal(self, std, self.config.n_layer, (nn.Linear, nn.Conv2d), zero_bias=True)
         nn.init.normal_(self.pos_embed, 0.0, std)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, 0.0, std)

@@ -1,0 +1,13 @@
+"""Argument types shared by the subcommands (standard library only: the CLI must start without torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (give 1 or more)")
+    return number
