@@ -110,6 +110,7 @@ def test_sample_is_seeded_and_decodes(native_dir, capsys):
         ("--temperature", "-0.5", "is not a finite number >= 0"),
         ("--temperature", "nan", "is not a finite number >= 0"),
         ("--temperature", "inf", "is not a finite number >= 0"),
+        ("--top-k", "-1", "is negative (give 0 or more)"),
     ],
 )
 def test_sample_refuses_bad_numbers(native_dir, capsys, flag, value, message):

@@ -25,14 +25,15 @@ from tiny_models import build
 
 import masa
 from masa.cli import main
+from masa.eval.perplexity import perplexity
 from masa.io import serialization
 from masa.io.atomic import NoSpaceError, atomic_directory, recover_leftovers
 from masa.io.lock import DirectoryLockedError, directory_lock
 from masa.model import MasaLM, MasaLMConfig
+from masa.progress import Progress
 from masa.runtime import resolve_device
 from masa.train import ConfigError, TrainRunConfig, checkpoint, train, trainer
 from masa.train.checkpoint import CheckpointError
-from masa.train.progress import Progress
 from masa.train.rundir import read_metrics
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -59,6 +60,7 @@ if os.environ.get("HOLD_FINAL"):
         time.sleep(600)
     serialization.save_weights = hold
 from masa.cli import main
+from masa.eval.perplexity import perplexity
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -341,6 +343,21 @@ def test_leftovers_of_killed_saves_are_removed(tmp_path, caplog):
     assert recover_leftovers(target) == []
 
 
+def test_load_puts_back_a_model_hidden_by_a_killed_swap(tmp_path, caplog):
+    """A kill between the fallback's two renames leaves only .m.old-PID-HEX: loading m restores it."""
+    target, model = tmp_path / "m", build("llama")
+    masa.save(model, target)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    os.rename(target, tmp_path / f".m.old-{int(gone.stdout)}-0a0b")
+    loaded = masa.load(target)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and "put back" in caplog.text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        masa.load(tmp_path / "missing")
+
+
 def test_empty_directory_accepted_non_empty_refused(tmp_path):
     model = build("llama")
     empty = tmp_path / "empty"
@@ -416,6 +433,45 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
     assert f"while writing {tmp_path / 'step_000002' / 'optimizer.pt'}" in str(raised.value)
     assert "the previous checkpoint step_000001 is intact" in str(raised.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+
+
+def test_disk_full_while_logging_metrics_keeps_the_log_whole(tmp_path, monkeypatch):
+    from masa.io import atomic
+    from masa.train.rundir import append_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    append_metrics(log, {"step": 1, "loss": 2.0})
+    real_write = os.write
+
+    def write_half_then_fail(fd, data):
+        real_write(fd, data[: len(data) // 2])  # a torn line reaches the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "write", write_half_then_fail)
+    with pytest.raises(
+        NoSpaceError, match=r"while writing .*metrics.jsonl; metrics.jsonl keeps every earlier"
+    ):
+        append_metrics(log, {"step": 2, "loss": 1.5})
+    monkeypatch.undo()
+    assert read_metrics(log) == [{"step": 1, "loss": 2.0}] and log.read_text().endswith("}\n")
+
+
+def test_disk_full_while_writing_a_summary_keeps_the_old_one(tmp_path, monkeypatch):
+    from masa.io import atomic
+    from masa.io.atomic import write_json
+
+    summary = tmp_path / "summary.json"
+    write_json(summary, {"step": 1})
+
+    def fsync_fails(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync_fails)
+    with pytest.raises(NoSpaceError, match="summary.json; the previous summary.json is intact"):
+        write_json(summary, {"step": 2})
+    monkeypatch.undo()
+    assert json.loads(summary.read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -554,6 +610,12 @@ def test_progress_off_a_terminal_is_plain_periodic_lines(tmp_path, capfd):
     train(TrainRunConfig.from_dict(tiny_raw(tmp_path)))  # stderr captured: not a terminal
     err = capfd.readouterr().err
     assert "\r" not in err and 1 <= err.count("train: step") <= 3
+    model = MasaLM(MasaLMConfig(vocab_size=20, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
+    perplexity(model, torch.arange(400) % 20, seq_len=8, batch_size=1)  # 50 windows, one at a time
+    err = capfd.readouterr().err
+    assert (
+        "\r" not in err and err.startswith("perplexity (chunked, T=8): window 1/50") and err.count("\n") <= 3
+    )
 
 
 def _model_and_optimizer():

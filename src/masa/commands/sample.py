@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from masa.cli_args import positive_int
+from masa.cli_args import nonnegative_int, positive_int
 
 
 def sample_text(
@@ -96,7 +96,12 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--temperature", type=temperature, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
     )
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument(
+        "--top-k",
+        type=nonnegative_int,
+        default=50,
+        help="sample among the k most likely tokens; 0 = all (default 50)",
+    )
     p.add_argument("--num-samples", type=positive_int, default=1, help="number of samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_runtime_argument(p)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from masa.eval.perplexity import Windows, as_token_ids, check_context, eval_mode
+from masa.progress import Progress
 from masa.runtime import forward_logits, model_device
 
 
@@ -61,7 +61,7 @@ def fidelity(
     kl_sum = torch.zeros((), dtype=torch.float64)
     n_agree = n_positions = 0
     max_diff = 0.0
-    bar = tqdm(total=n_windows, desc=f"fidelity (T={seq_len})", unit="window", disable=not progress)
+    bar = Progress(n_windows, desc=f"fidelity (T={seq_len})", unit="window", enabled=progress)
     with bar, eval_mode(model), eval_mode(reference), torch.inference_mode():
         for _, batch in windows.batches(token_ids, batch_size):
             logits = _logits(model, batch, device)  # (B, T, V)
@@ -78,7 +78,7 @@ def fidelity(
             n_agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
             n_positions += kl.numel()
             max_diff = max(max_diff, (logits - ref).abs().max().item())
-            bar.update(len(batch))
+            bar.advance(len(batch))
     return FidelityResult(
         kl=kl_sum.item() / n_positions,
         top1_agreement=n_agree / n_positions,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from masa.progress import Progress
 from masa.runtime import forward_logits, model_device
 
 PROTOCOLS = ("chunked", "stride")
@@ -160,9 +160,7 @@ def perplexity(
     device = model_device(model)
     nll_sum = torch.zeros((), dtype=torch.float64)
     n_tokens = 0
-    bar = tqdm(
-        total=n_windows, desc=f"perplexity ({protocol}, T={seq_len})", unit="window", disable=not progress
-    )
+    bar = Progress(n_windows, desc=f"perplexity ({protocol}, T={seq_len})", unit="window", enabled=progress)
     with bar, eval_mode(model), torch.inference_mode():
         for first, batch in windows.batches(token_ids, batch_size):
             batch = batch.to(device)  # (B, T)
@@ -171,7 +169,7 @@ def perplexity(
             scored = windows.scored(first, len(batch))
             nll_sum += nll.cpu()[scored].double().sum()
             n_tokens += int(scored.sum())
-            bar.update(len(batch))
+            bar.advance(len(batch))
     mean_nll = nll_sum.item() / n_tokens
     return PerplexityResult(
         ppl=math.exp(mean_nll),

@@ -267,13 +267,45 @@ def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> I
         raise no_space_error(err, writing, kept) from err
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON atomically (temp file, fsync, ``os.replace``)."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file, fsync, ``os.replace``); a full disk leaves the old one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if not is_disk_full(err):
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
+        raise no_space_error(err, path, kept) from err
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log; on a full disk the log is cut back to its previous records and the
+    error says so (no torn line is left behind)."""
+    path = Path(path)
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            os.ftruncate(fd, size)
+            raise no_space_error(err, path, f"{path.name} keeps every earlier record") from err
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ and every malformed input fails here with one sentence naming the problem and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -92,8 +93,18 @@ def _checked_directory(directory: str | os.PathLike) -> Path:
             f"weights ({directory.parent})"
         )
     if not directory.is_dir():
+        _put_back(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     return directory
+
+
+def _put_back(directory: Path) -> None:
+    """A save killed in the middle of replacing ``directory`` may have left it hidden: restore it."""
+    from masa.io.atomic import recover_leftovers
+
+    with contextlib.suppress(OSError):  # a read-only place: report the directory as missing
+        recover_leftovers(directory)
 
 
 def _sub_configs(config: dict, path: str = "") -> list[tuple[str, dict]]:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from masa.io.atomic import append_line, write_text
 from masa.train.checkpoint import checkpoint_candidates
 
 METRICS_FILE = "metrics.jsonl"
@@ -94,10 +95,9 @@ def restart_metrics(path: Path, last_step: int) -> None:
     """Keep only the records of steps <= last_step (those of a killed run past its checkpoint go)."""
     if path.exists():
         kept = [r for r in read_metrics(path) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """Add one record to the log."""
-    with path.open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_line(path, json.dumps(record))

@@ -37,13 +37,13 @@ from masa.data.tokenizer import tokenizer_hash, train_tokenizer, vocab_size
 from masa.io import write_json
 from masa.io.lock import directory_lock
 from masa.model import MasaLM, MasaLMConfig
+from masa.progress import Progress
 from masa.runtime import forward_logits
 from masa.train.checkpoint import save_checkpoint
 from masa.train.config import ConfigError, DataConfig, TrainConfig, TrainRunConfig
 from masa.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from masa.train.fsdp import full_state, load_full_state, shard_model
 from masa.train.groups import param_groups
-from masa.train.progress import Progress
 from masa.train.resume import check_resumable, data_fingerprint, load_resume_point
 from masa.train.rundir import (
     CHECKPOINT_DIR,

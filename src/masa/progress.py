@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 class Progress:
@@ -37,9 +40,21 @@ class Progress:
             else None
         )
         self.start, self.last_line = time.monotonic(), None
+        self.done = initial
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def advance(self, n: int = 1, **values: str) -> None:
+        """Record ``n`` more finished steps."""
+        self.update(self.done + n, **values)
 
     def update(self, done: int, **values: str) -> None:
         """Record that `done` steps are finished; `values` are shown beside the count."""
+        self.done = done
         if self.bar is not None:
             self.bar.set_postfix(values, refresh=False)
             self.bar.update(done - self.bar.n)
@@ -60,3 +75,18 @@ class Progress:
         """Finish the bar (no-op for plain lines)."""
         if self.bar is not None:
             self.bar.close()
+
+
+def iterate(
+    items: Iterable[T],
+    total: int | None = None,
+    desc: str = "progress",
+    unit: str = "step",
+    enabled: bool = True,
+) -> Iterator[T]:
+    """``items`` with their progress reported as :class:`Progress` does (a bar on a terminal, lines in a log)."""
+    total = total if total is not None else len(items)  # type: ignore[arg-type]
+    with Progress(total, desc=desc, unit=unit, enabled=enabled) as progress:
+        for item in items:
+            yield item
+            progress.advance()
