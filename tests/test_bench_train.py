@@ -131,3 +131,46 @@ def test_speed_bench_times_every_variant_against_dense(tmp_path):
     assert all(v["attention_params"] < dense["attention_params"] for v in others)
     assert results["command"].startswith("masa bench speed --suite table1 --preset quick --rounds 2")
     assert "| masa-qkvo S=2 |" in (tmp_path / "speed" / "speed.md").read_text()
+
+
+def test_an_interrupted_bench_run_continues_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    from test_train import losses, tiny_raw
+
+    from masa.bench import train_suite
+    from masa.train import TrainRunConfig, trainer
+
+    for name in ("whole", "cut"):
+        (tmp_path / name).mkdir()
+    whole = TrainRunConfig.from_dict(tiny_raw(tmp_path / "whole", checkpoint_every=4))
+    train_suite._train_or_continue(whole)
+    raw = tiny_raw(tmp_path / "cut", checkpoint_every=4)
+    real_append = trainer.append_metrics
+
+    def append_then_die(path, record):
+        real_append(path, record)
+        if record["step"] == 6:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "append_metrics", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_suite._train_or_continue(TrainRunConfig.from_dict(raw))
+    monkeypatch.undo()
+    train_suite._train_or_continue(TrainRunConfig.from_dict(raw))  # continues from step 4
+    assert losses(tmp_path / "cut" / "run") == losses(tmp_path / "whole" / "run")
+    raw["train"]["lr"] = 2e-2  # other settings: the run starts again instead of failing
+    train_suite._train_or_continue(TrainRunConfig.from_dict(raw))
+    assert "starting again (cannot resume from" in capsys.readouterr().out
+    assert len(losses(tmp_path / "cut" / "run")) == 8
+
+
+def test_methods_option_runs_only_those_runs_beside_dense(tmp_path):
+    from masa.bench.command import resolve_train_preset
+    from masa.bench.train_suite import run_suite
+
+    overrides = [*TINY, f'data.cache_dir="{tmp_path / "cache"}"', f'train.out_dir="{tmp_path / "runs"}"']
+    config = SuiteConfig.from_toml(resolve_train_preset("medium"), overrides)
+    with pytest.raises(ValueError, match="suite table1 has no run masa-qkvo: choose among dense, gqa"):
+        run_suite("table1", config, 1, tmp_path / "out", methods=["masa-qkvo"])
+    results = run_suite("table1", config, 1, tmp_path / "out", methods=["lowrank"])
+    assert [m["label"] for m in results["methods"]] == ["dense", "lowrank"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "table1").iterdir()) == ["dense", "lowrank"]

@@ -84,6 +84,13 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seeds", type=positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="LABEL",
+        help="only these runs of the suite, e.g. lowrank masa-qkvo-S4 (dense always runs); later calls "
+        "with more labels reuse the finished runs",
+    )
     parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
     parser.set_defaults(func=run_train)
 
@@ -207,7 +214,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The `masa bench train|speed` command that reproduces these parsed arguments."""
     words = ["masa", "bench", args.benchmark, "--suite", args.suite, "--preset", args.preset]
     if args.benchmark == "train":
-        words += ["--seeds", str(args.seeds)]
+        words += ["--seeds", str(args.seeds)] + (["--methods", *args.methods] if args.methods else [])
     else:
         words += ["--rounds", str(args.rounds), "--device", args.device]
     words += ["--out", args.out] if args.out else []
@@ -221,6 +228,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = SuiteConfig.from_toml(resolve_train_preset(args.preset), args.overrides)
     out = Path(args.out) if args.out else Path(config.run.train.out_dir) / args.suite
-    run_suite(args.suite, config, args.seeds, out, command_line(args))
+    run_suite(args.suite, config, args.seeds, out, command_line(args), methods=args.methods)
     print(f"results: {out / RESULTS_MD}")
     return 0

@@ -30,6 +30,7 @@ from masa.eval.datasets import resolve_eval_path
 from masa.io import write_json
 from masa.model import MasaLMConfig, configure_for_budget
 from masa.model.config import VARIANT_KNOB
+from masa.train.checkpoint import latest_checkpoint
 from masa.train.config import FILLED_MODEL_KEYS, ConfigError, TrainRunConfig, _checked, apply_overrides
 from masa.train.trainer import CHECKPOINT_DIR, METRICS_FILE, train
 
@@ -183,11 +184,22 @@ def _device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def _train_or_continue(config: TrainRunConfig) -> dict[str, Any]:
+    """Train a bench run: continue an interrupted run of the same settings from its last checkpoint,
+    else start it (again) from scratch."""
+    if latest_checkpoint(Path(config.train.out_dir) / CHECKPOINT_DIR) is not None:
+        try:
+            return train(config, resume=True)
+        except ConfigError as err:
+            print(f"[bench] {config.train.out_dir}: starting again ({err})", flush=True)
+    return train(config, overwrite=True)
+
+
 def score_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
     """Train one run, then count its parameters and score it; returns its record (without labels)."""
     if bench.cpu_threads:
         torch.set_num_threads(bench.cpu_threads)
-    summary = train(config, overwrite=True)
+    summary = _train_or_continue(config)
     out_dir, model_dir = Path(summary["out_dir"]), Path(summary["model_dir"])
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)  # the final model stays in model_dir
     model = masa.load(model_dir, device=_device(config.train.device))
@@ -268,18 +280,31 @@ def _scored_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
 
 
 def run_suite(
-    suite: str, config: SuiteConfig, seeds: int, out_dir: str | Path, command: str = ""
+    suite: str,
+    config: SuiteConfig,
+    seeds: int,
+    out_dir: str | Path,
+    command: str = "",
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train and score every run of ``suite`` for ``seeds`` seeds; write the results folder; return results.
 
     Seeds are train.seed, train.seed + 1, ...; all runs of one seed go first (dense first), so a
     suite cut short still holds whole tables. Runs live in ``train.out_dir/<suite>/<label>/seed<N>``
-    (``<label>-plain`` for masa runs with plain coefficients instead of the generator).
+    (``<label>-plain`` for masa runs with plain coefficients instead of the generator). ``methods``
+    keeps only the runs with those labels (dense, the reference, always runs).
     """
     if seeds < 1:
         raise ValueError(f"seeds={seeds}: run at least one seed")
     base = config.run.model_config(config.run.data.vocab_size)  # knobs do not depend on the vocabulary
     specs = suite_runs(suite, base.n_layer, config.bench.target_ratio)
+    if methods:
+        labels = [spec.label for spec in specs]
+        if unknown := sorted(set(methods) - set(labels)):
+            raise ValueError(
+                f"suite {suite} has no run {', '.join(unknown)}: choose among {', '.join(labels)}"
+            )
+        specs = [spec for spec in specs if spec.label in methods or spec.label == "dense"]
     models = {spec.label: variant_config(spec, base, config.bench.coef_generator) for spec in specs}
     seed_list = [config.run.train.seed + i for i in range(seeds)]
     records = []
