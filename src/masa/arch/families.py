@@ -167,6 +167,21 @@ ADAPTERS: tuple[Adapter, ...] = (
     ),
     Adapter("bert", ("bert",), ("bert.encoder.layer", "encoder.layer"), _BERT_ROLES, causal=False),
     Adapter("roberta", ("roberta",), ("roberta.encoder.layer", "encoder.layer"), _BERT_ROLES, causal=False),
+    # transformers 5 names ViT/DeiT's projections like Llama's and renames published files' keys on load
+    Adapter(
+        "vit",
+        ("vit", "deit"),
+        ("vit.layers", "deit.layers", "layers"),
+        {
+            "q": "attention.q_proj",
+            "k": "attention.k_proj",
+            "v": "attention.v_proj",
+            "o": "attention.o_proj",
+            "up": "mlp.fc1",
+            "down": "mlp.fc2",
+        },
+        causal=False,
+    ),
 )
 
 # config keys that mark a mixture-of-experts model (experts are not one linear layer per block)

@@ -202,6 +202,12 @@ def check_calib_len(model: nn.Module, seq_len: int) -> None:
 
 def _tokens(model: nn.Module, calib, tokenizer, config: CompressConfig) -> torch.Tensor:
     """The calibration batch (N, T), its length checked against the model's positions before tokenizing."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise ValueError(
+            f"method {config.method!r} calibrates on token ids, and {type(model).__name__} reads "
+            f"{model.main_input_name}: calibration on images is not built yet; compress this model with a "
+            "method that needs no calibration (svd), or convert it with masa.share"
+        )
     if calib is None:
         raise ValueError(f"method {config.method!r} needs calibration data: pass calib= (text or token ids)")
     given = isinstance(calib, torch.Tensor) and calib.ndim == 2
