@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from masa.bench.vit_suite import VitSuiteConfig, load_images, run_vit_suite, vit_runs
-from masa.data.images import load_cifar_binary, load_digits, load_image_folder
+from masa.bench.vit_suite import VitSuiteConfig, run_vit_suite, vit_runs
+from masa.data.images import load_cifar_binary, load_digits, load_image_folder, load_images
 from masa.model import ATTENTION_VARIANTS, MasaViT, MasaViTConfig, attention_ratio, configure_for_budget
 from masa.train import ConfigError
 from masa.train.vision import VisionTrainConfig, train_vit
@@ -146,3 +147,50 @@ def test_cifar_binary_and_image_folder_load(tmp_path):
         and images.labels.tolist() == [0, 1]
         and images.classes == ["a", "b"]
     )
+
+
+_TINY_RUN = [
+    "model.n_layer=3",
+    "model.d_model=16",
+    "model.n_atoms=1",
+    "train.epochs=1",
+    "train.batch_size=128",
+]
+
+
+def test_masa_train_runs_a_vit_config_and_its_model_reloads(tmp_path, capsys):
+    import masa
+    from masa.cli import main
+
+    out = tmp_path / "vit"
+    argv = ["train", "vit_digits", "--out", str(out), *(w for s in _TINY_RUN for w in ("--set", s))]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == "digits" and 0.0 <= summary["top1"] <= 1.0 and summary["steps"] == 12
+    assert sorted(p.name for p in out.iterdir()) == ["final", "metrics.jsonl", "summary.json"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    model = masa.load(out / "final")
+    assert isinstance(model, MasaViT) and model.config.attention == "masa-qkvo"
+    digits = load_digits()
+    with torch.no_grad():
+        assert model(digits.images[:4]).shape == (4, 10)
+    assert main(argv) == 2  # an existing run is kept
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 2
+    assert "a ViT run keeps no checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('data.images=""', "data.images must name the image set"),
+        ('data.text="x"', "unknown key data.text: a ViT run's \\[data\\] has only images"),
+        ('data.images="no/such/folder"', "image data .* not found: use 'digits' or an existing folder"),
+        ("model.patch_size=3", "patch_size=3 does not divide image_size=8"),
+    ],
+)
+def test_masa_train_vit_bad_config_is_named(tmp_path, capsys, override, message):
+    from masa.cli import main
+
+    assert main(["train", "vit_digits", "--out", str(tmp_path / "v"), "--set", override]) == 2
+    assert re.search(message, capsys.readouterr().err)

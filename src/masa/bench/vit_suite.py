@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 
 from masa.bench.report import Point, fmt_mean_std, markdown_table, mean_std, scatter_plot
-from masa.data.corpus import default_data_dir
-from masa.data.images import ImageSet, load_cifar_binary, load_digits, load_image_folder
+from masa.data.images import load_images
 from masa.io import write_json
 from masa.model import configure_for_budget
 from masa.model.vit import MasaViTConfig
-from masa.train.config import ConfigError, _checked, apply_overrides
+from masa.train.config import ConfigError, _checked, apply_overrides, read_toml
 from masa.train.vision import VisionTrainConfig, train_vit
 
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "bench_vit_digits.toml"
@@ -62,10 +60,7 @@ class VitSuiteConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path = PRESET, overrides: Sequence[str] = ()) -> VitSuiteConfig:
-        try:
-            raw = apply_overrides(tomllib.loads(Path(path).read_text(encoding="utf-8")), overrides)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+        raw = apply_overrides(read_toml(path), overrides)
         unknown = sorted(set(raw) - {"model", "train", "bench"})
         if unknown:
             raise ConfigError(f"unknown section [{unknown[0]}]: valid sections are model, train, bench")
@@ -77,18 +72,6 @@ class VitSuiteConfig:
             raise ConfigError("the suite sets each run's attention: leave model.attention dense")
         train = VisionTrainConfig(**_checked(VisionTrainConfig, "train", raw.get("train", {})))
         return cls(model, train, VitBenchConfig(**_checked(VitBenchConfig, "bench", raw.get("bench", {}))))
-
-
-def load_images(source: str) -> ImageSet:
-    """``digits``, a folder of CIFAR binary files, or an image folder (relative paths: the data/ folder)."""
-    if source == "digits":
-        return load_digits()
-    folder = Path(source) if Path(source).is_absolute() else default_data_dir() / source
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image data {folder} not found: use 'digits' or an existing folder")
-    if any(folder.glob("*.bin")) or (folder / "data_batch_1").is_file():
-        return load_cifar_binary(folder)
-    return load_image_folder(folder)
 
 
 def vit_runs(base: MasaViTConfig, target_ratio: float, coef_generator: bool) -> list[MasaViTConfig]:

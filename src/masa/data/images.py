@@ -125,3 +125,15 @@ def load_image_folder(folder: str | Path, channels: int = 3) -> ImageSet:
     stacked = np.stack(arrays).reshape(len(arrays), *arrays[0].shape[:2], channels)  # (N, H, W, C)
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
     return ImageSet(images, torch.tensor([label for _, label in files]), classes)
+
+
+def load_images(source: str) -> ImageSet:
+    """``digits``, a folder of CIFAR binary files, or an image folder (relative paths: the data/ folder)."""
+    if source == "digits":
+        return load_digits()
+    folder = Path(source) if Path(source).is_absolute() else default_data_dir() / source
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image data {folder} not found: use 'digits' or an existing folder")
+    if any(folder.glob("*.bin")) or (folder / "data_batch_1").is_file():
+        return load_cifar_binary(folder)
+    return load_image_folder(folder)

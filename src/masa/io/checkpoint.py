@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+NATIVE_MODEL_TYPES = ("masa_lm", "masa_vit")  # masa's own models (masa.model), not transformers classes
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -42,7 +44,7 @@ class Checkpoint:
     def is_masa(self) -> bool:
         """Written by ``masa.save`` (exact ``state_dict`` keys, replayable surgery), not by transformers."""
         return self.config is not None and (
-            "masa" in self.config or self.config.get("model_type") == "masa_lm"
+            "masa" in self.config or self.config.get("model_type") in NATIVE_MODEL_TYPES
         )
 
     @property

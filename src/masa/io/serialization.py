@@ -228,6 +228,10 @@ def build_base(config: dict, directory: str | os.PathLike | None = None) -> nn.M
         from masa.model import MasaLM, MasaLMConfig
 
         return MasaLM(MasaLMConfig.from_dict(config))
+    if config.get("model_type") == "masa_vit":
+        from masa.model import MasaViT, MasaViTConfig
+
+        return MasaViT(MasaViTConfig.from_dict(config))
     import transformers
 
     model_type = config.get("model_type")

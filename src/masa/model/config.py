@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 ATTENTION_VARIANTS = ("dense", "gqa", "lowrank", "seq-share", "cycle-share", "masa-qkv", "masa-qkvo")
 
@@ -25,7 +25,29 @@ _OPTIONAL = {"n_kv_head", "d_ff", "gqa_groups", "rank", "n_unique", "n_atoms"}
 
 
 class AttentionShape:
-    """Derived sizes shared by the LM and ViT configs (fields d_model, n_head, n_kv_head, d_ff, gqa_groups)."""
+    """Derived sizes shared by the LM and ViT configs (fields d_model, n_head, n_kv_head, d_ff, gqa_groups),
+    and their JSON form (``model_type`` names the class)."""
+
+    model_type: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field plus ``model_type``."""
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; rejects unknown keys and a foreign ``model_type``."""
+        d = dict(d)
+        model_type = d.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"model_type={model_type!r} is not {cls.model_type!r}: this is not a {cls.__name__}"
+            )
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}")
+        return cls(**d)
 
     @property
     def head_dim(self) -> int:
@@ -129,25 +151,6 @@ class MasaLMConfig(AttentionShape):
 
     def _check_variant(self) -> None:
         check_attention_variant(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field plus ``model_type``."""
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MasaLMConfig:
-        """Inverse of :meth:`to_dict`; rejects unknown keys and a foreign ``model_type``."""
-        d = dict(d)
-        model_type = d.pop("model_type", cls.model_type)
-        if model_type != cls.model_type:
-            raise ValueError(
-                f"model_type={model_type!r} is not {cls.model_type!r}: this is not a MasaLM config"
-            )
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown MasaLMConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
-        return cls(**d)
 
 
 def check_attention_variant(config: Any) -> None:

@@ -8,9 +8,8 @@ and MASA work exactly as in :class:`masa.model.MasaLM`: unique attention modules
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -73,10 +72,6 @@ class MasaViTConfig(AttentionShape):
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of every field plus ``model_type``."""
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
 
 class MasaViT(nn.Module):

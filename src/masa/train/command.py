@@ -71,14 +71,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `masa train` for parsed arguments; prints the summary (rank 0) and returns the exit code."""
-    from masa.train.config import TrainRunConfig
-    from masa.train.trainer import train
+    from masa.train.config import TrainRunConfig, apply_overrides, read_toml
+    from masa.train.vision_run import VisionRunConfig, is_vision_config, train_vision
 
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out_dir={json.dumps(args.out)}")
-    config = TrainRunConfig.from_toml(resolve_config_path(args.config), overrides)
-    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    raw = apply_overrides(read_toml(resolve_config_path(args.config)), overrides)
+    if is_vision_config(raw):
+        summary = train_vision(VisionRunConfig.from_dict(raw), resume=args.resume, overwrite=args.overwrite)
+    else:
+        from masa.train.trainer import train
+
+        summary = train(TrainRunConfig.from_dict(raw), resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1))
     return 0

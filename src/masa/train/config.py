@@ -167,14 +167,7 @@ class TrainRunConfig:
     @classmethod
     def from_toml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainRunConfig:
         """Read a TOML file, apply `section.key=value` overrides, check and validate."""
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file {path} not found: pass a .toml path or a preset name") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from err
-        return cls.from_dict(apply_overrides(raw, overrides))
+        return cls.from_dict(apply_overrides(read_toml(path), overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain tables (TOML/JSON-ready) that `from_dict` turns back into an equal config."""
@@ -191,6 +184,17 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A run config file's tables; a missing file or bad TOML is a ConfigError saying so."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} not found: pass a .toml path or a preset name") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
