@@ -5,7 +5,7 @@
 #
 # Runs from a plain checkout (no install, no network) as PYTHONPATH=src python3 -m masa.cli ..., on
 # whatever torch and transformers the machine has. Each section is one function below with its own
-# time cap (CAPS below: 200 + 200 + 80 s, 8 minutes in all) and writes its
+# time cap (CAPS below: 150 + 120 + 90 s, 6 minutes in all) and writes its
 # results as JSON under $OUT/<section>/ ($OUT defaults to ./gpu_check_out). A section that fails or
 # runs out of time is reported and the next one still runs; the exit status is 1 if any failed.
 #
@@ -15,7 +15,9 @@
 #             time per phase and peak GPU memory (masa bench scale --shapes 1b).
 #   infer     the 1B shape compressed at 40 % by svd-llm, then `masa bench infer` on the GPU in both
 #             runtime modes: resident and peak bytes, prefill and decode speed as ratios to the original.
-#   train     (added by the training issue)
+#   train     the paper's 110M shape (`--preset full`, bf16 autocast, batch 32 x 512): one optimizer
+#             step of dense, lowrank and masa-qkvo in turn, 10 rounds (`masa bench speed`); tokens/s,
+#             the masa-qkvo / dense ratio, model TFLOP/s and MFU (989 TFLOP/s peak on H100/H200), peak memory.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_check_out}"
 DEVICE="cuda"
 ONLY=""
-declare -A CAPS=([compress]=200 [infer]=200 [train]=80)  # seconds per section; 480 s in all
+declare -A CAPS=([compress]=150 [infer]=120 [train]=90)  # seconds per section; 360 s in all
 PY="${PYTHON:-python3}"
 
 while [[ $# -gt 0 ]]; do
@@ -52,6 +54,19 @@ section_infer() {
         --methods svd-llm
     "$PY" -m masa.cli bench infer "$out/models/original" "$out/models/svd-llm-40" --runtime compact dense \
         --device "$DEVICE" --batch 8 --prompt-len 256 --new-tokens 32 --rounds 3 --out "$out/results"
+}
+
+section_train() {
+    local out="$OUT/train" peak=""
+    mkdir -p "$out"
+    case "$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)" in
+        *H100*|*H200*) peak="--peak-tflops 989" ;;
+        *A100*) peak="--peak-tflops 312" ;;
+    esac
+    # shellcheck disable=SC2086
+    "$PY" -m masa.cli bench speed --suite table1 --preset full --methods lowrank masa-qkvo-S4 --rounds 10 \
+        --device "$DEVICE" --set 'train.dtype="bfloat16"' $peak --out "$out"
+    cat "$out/speed.md"
 }
 
 FAILED=0

@@ -174,3 +174,25 @@ def test_methods_option_runs_only_those_runs_beside_dense(tmp_path):
     results = run_suite("table1", config, 1, tmp_path / "out", methods=["lowrank"])
     assert [m["label"] for m in results["methods"]] == ["dense", "lowrank"]
     assert sorted(p.name for p in (tmp_path / "runs" / "table1").iterdir()) == ["dense", "lowrank"]
+
+
+def test_speed_bench_subset_bf16_and_model_flops(tmp_path):
+    from masa.bench.speed import dense_flops_per_token
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["bench", "speed", "--suite", "table1", "--rounds", "1", "--methods", "masa-qkvo-S2"]
+    argv += ["--peak-tflops", "0.5", "--out", str(tmp_path / "speed"), "--set", 'train.dtype="bfloat16"']
+    args = parser.parse_args(argv + [word for item in TINY for word in ("--set", item)])
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert [v["label"] for v in results["variants"]] == ["dense", "masa-qkvo-S2"]
+    assert results["dtype"] == "bfloat16" and "--methods masa-qkvo-S2" in results["command"]
+    config = MasaLMConfig(vocab_size=300, n_layer=6, d_model=16, n_head=4)
+    # 6 x (6 blocks x (4 d^2 + 3 d d_ff) + d V) + 12 L T d
+    assert (
+        dense_flops_per_token(config, 16)
+        == 6 * (6 * (4 * 256 + 3 * 16 * config.ff_dim) + 16 * 300) + 12 * 6 * 16 * 16
+    )
+    for v in results["variants"]:
+        assert v["mfu"] == pytest.approx(v["model_tflops_per_s"] / 0.5) and v["peak_memory_mb"] is None

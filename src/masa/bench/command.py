@@ -67,6 +67,13 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a preset value, e.g. train.token_budget=200_000 or bench.eval_tokens=0; repeatable",
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="LABEL",
+        help="only these runs of the suite, e.g. lowrank masa-qkvo-S4 (dense always runs; bench train "
+        "reuses finished runs when more are asked for later)",
+    )
 
 
 def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
@@ -83,13 +90,6 @@ def add_train_parser(benchmarks: argparse._SubParsersAction) -> None:
     _suite_arguments(parser)
     parser.add_argument(
         "--seeds", type=positive_int, default=1, metavar="N", help="seeds per method (default: 1)"
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        metavar="LABEL",
-        help="only these runs of the suite, e.g. lowrank masa-qkvo-S4 (dense always runs); later calls "
-        "with more labels reuse the finished runs",
     )
     parser.add_argument("--out", metavar="DIR", help="results folder (default: TRAIN.OUT_DIR/SUITE)")
     parser.set_defaults(func=run_train)
@@ -108,6 +108,13 @@ def add_speed_parser(benchmarks: argparse._SubParsersAction) -> None:
         "--rounds", type=positive_int, default=20, metavar="N", help="timed rounds (default 20)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="T",
+        help="the device's peak dense TFLOP/s in the training dtype, to report model FLOPs utilisation "
+        "(e.g. 989 for an H100/H200 in bf16)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
     parser.set_defaults(func=run_speed)
 
@@ -118,7 +125,10 @@ def run_speed(args: argparse.Namespace) -> int:
     from masa.bench.train_suite import SuiteConfig
 
     config = SuiteConfig.from_toml(resolve_train_preset(args.preset), args.overrides)
-    results = measure_speed(args.suite, config, rounds=args.rounds, device=args.device)
+    results = measure_speed(
+        args.suite, config, rounds=args.rounds, device=args.device, methods=args.methods,
+        peak_tflops=args.peak_tflops,
+    )  # fmt: skip
     write_speed(results, args.out, command_line(args))
     print((Path(args.out) / SPEED_MD).read_text())
     return 0
@@ -214,9 +224,11 @@ def command_line(args: argparse.Namespace) -> str:
     """The `masa bench train|speed` command that reproduces these parsed arguments."""
     words = ["masa", "bench", args.benchmark, "--suite", args.suite, "--preset", args.preset]
     if args.benchmark == "train":
-        words += ["--seeds", str(args.seeds)] + (["--methods", *args.methods] if args.methods else [])
+        words += ["--seeds", str(args.seeds)]
     else:
         words += ["--rounds", str(args.rounds), "--device", args.device]
+        words += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+    words += ["--methods", *args.methods] if args.methods else []
     words += ["--out", args.out] if args.out else []
     words += [word for override in args.overrides for word in ("--set", override)]
     return shlex.join(words)

@@ -146,6 +146,16 @@ def suite_runs(suite: str, n_layer: int, target_ratio: float) -> list[RunSpec]:
     return [dense, *(RunSpec(a, n_atoms=s) for a in ("masa-qkv", "masa-qkvo") for s in sizes)]
 
 
+def select_runs(suite: str, specs: list[RunSpec], methods: Sequence[str] | None) -> list[RunSpec]:
+    """The runs labelled ``methods`` (all when None) and dense, the reference; an unknown label is named."""
+    if not methods:
+        return specs
+    labels = [spec.label for spec in specs]
+    if unknown := sorted(set(methods) - set(labels)):
+        raise ValueError(f"suite {suite} has no run {', '.join(unknown)}: choose among {', '.join(labels)}")
+    return [spec for spec in specs if spec.label in methods or spec.label == "dense"]
+
+
 def variant_config(spec: RunSpec, base: MasaLMConfig, coef_generator: bool) -> MasaLMConfig:
     """The model of one run: ``base``'s shape with the run's attention and knob."""
     if spec.n_atoms is None:
@@ -298,13 +308,7 @@ def run_suite(
         raise ValueError(f"seeds={seeds}: run at least one seed")
     base = config.run.model_config(config.run.data.vocab_size)  # knobs do not depend on the vocabulary
     specs = suite_runs(suite, base.n_layer, config.bench.target_ratio)
-    if methods:
-        labels = [spec.label for spec in specs]
-        if unknown := sorted(set(methods) - set(labels)):
-            raise ValueError(
-                f"suite {suite} has no run {', '.join(unknown)}: choose among {', '.join(labels)}"
-            )
-        specs = [spec for spec in specs if spec.label in methods or spec.label == "dense"]
+    specs = select_runs(suite, specs, methods)
     models = {spec.label: variant_config(spec, base, config.bench.coef_generator) for spec in specs}
     seed_list = [config.run.train.seed + i for i in range(seeds)]
     records = []
