@@ -375,3 +375,27 @@ def test_fsdp_without_torchrun_is_refused(tmp_path):
         train(TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="fsdp")))
     with pytest.raises(ConfigError, match="train.parallel 'zero' is unknown: use one of ddp, fsdp"):
         TrainRunConfig.from_dict(tiny_raw(tmp_path, parallel="zero"))
+
+
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    """train.compile = true runs the model through torch.compile (dynamo's graph capture; the eager
+    backend here, as inductor's code generation takes minutes on a CPU) with the same losses."""
+    from masa.model import MasaLM
+
+    calls = []
+    real_compile = torch.nn.Module.compile
+
+    def eager_compile(self, **kwargs):
+        calls.append(type(self).__name__)
+        real_compile(self, backend="eager", **kwargs)
+
+    monkeypatch.setattr(MasaLM, "compile", eager_compile)
+    for name, compiled in (("eager", False), ("compiled", True)):
+        (tmp_path / name).mkdir()
+        raw = tiny_raw(tmp_path / name, compile=compiled, max_steps=3)
+        raw["model"] |= {"attention": "masa-qkvo", "n_atoms": 1}
+        train(TrainRunConfig.from_dict(raw))
+    assert calls == ["MasaLM"]
+    torch.testing.assert_close(
+        losses(tmp_path / "compiled" / "run"), losses(tmp_path / "eager" / "run"), rtol=1e-5, atol=1e-6
+    )

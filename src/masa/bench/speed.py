@@ -77,9 +77,11 @@ def measure_speed(
     for spec in specs:
         torch.manual_seed(tc.seed)
         model = MasaLM(variant_config(spec, base, config.bench.coef_generator)).to(dev).train()
+        if tc.compile:
+            model.compile()
         models[spec.label] = model
         optimizers[spec.label] = torch.optim.AdamW(
-            param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas
+            param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=dev.type == "cuda"
         )
     gen = torch.Generator().manual_seed(tc.seed)
     batch = torch.randint(0, base.vocab_size, (tc.batch_size, seq_len + 1), generator=gen).to(dev)  # (B, T+1)

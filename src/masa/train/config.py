@@ -85,6 +85,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # autocast dtype: "float32" or "bfloat16"
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded; needs torchrun)
+    compile: bool = False  # torch.compile the model (each block with its shared-atom combine): GPU runs
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.token_budget < 0 or self.max_steps == self.token_budget == 0:

@@ -28,6 +28,7 @@ MAY_CHANGE = {
         "keep_checkpoints",
         "out_dir",
         "device",
+        "compile",
     },
     "data": {"data_dir", "cache_dir"},  # locations; the text itself is checked by its fingerprint
 }

@@ -216,7 +216,8 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
         groups = param_groups(model, tc.weight_decay, tc.lr_mult, tc.wd_mult)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas)
+    # the fused kernel on CUDA; the same update rule, so a run may resume on another device
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=env.device.type == "cuda")
     fingerprint = data_fingerprint(tokenizer_hash(tok), splits.train, splits.valid)
     start, elapsed_before = 0, 0.0
     checkpoint, skipped = load_resume_point(ckpt_dir, env.device) if resume else (None, [])
@@ -232,6 +233,8 @@ def _train(config: TrainRunConfig, env: DistEnv, resume: bool, overwrite: bool) 
         start, elapsed_before = checkpoint.state["step"], checkpoint.state["elapsed_s"]
     if env.is_main:
         restart_metrics(log_path, start)  # a fresh run (start 0) starts a fresh log
+    if tc.compile:
+        model.compile()  # in place: the state dict keeps its keys, so checkpoints stay interchangeable
     ddp = DistributedDataParallel(model) if env.active and not fsdp else model
 
     record: dict[str, Any] = {}
