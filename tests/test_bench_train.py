@@ -134,27 +134,19 @@ def test_speed_bench_times_every_variant_against_dense(tmp_path):
 
 
 def test_an_interrupted_bench_run_continues_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    from test_train import losses, tiny_raw
+    from test_train import interrupted, losses, tiny_raw
 
     from masa.bench import train_suite
-    from masa.train import TrainRunConfig, trainer
+    from masa.train import TrainRunConfig
 
     for name in ("whole", "cut"):
         (tmp_path / name).mkdir()
     whole = TrainRunConfig.from_dict(tiny_raw(tmp_path / "whole", checkpoint_every=4))
     train_suite._train_or_continue(whole)
     raw = tiny_raw(tmp_path / "cut", checkpoint_every=4)
-    real_append = trainer.append_metrics
-
-    def append_then_die(path, record):
-        real_append(path, record)
-        if record["step"] == 6:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer, "append_metrics", append_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_suite._train_or_continue(TrainRunConfig.from_dict(raw))
-    monkeypatch.undo()
+    interrupted(
+        monkeypatch, lambda: train_suite._train_or_continue(TrainRunConfig.from_dict(raw)), after_step=6
+    )
     train_suite._train_or_continue(TrainRunConfig.from_dict(raw))  # continues from step 4
     assert losses(tmp_path / "cut" / "run") == losses(tmp_path / "whole" / "run")
     raw["train"]["lr"] = 2e-2  # other settings: the run starts again instead of failing

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import losses, tiny_raw
+from test_train import interrupted, losses, tiny_raw
 from tiny_models import build
 
 import masa
@@ -32,7 +32,7 @@ from masa.io.lock import DirectoryLockedError, directory_lock
 from masa.model import MasaLM, MasaLMConfig
 from masa.progress import Progress
 from masa.runtime import resolve_device
-from masa.train import ConfigError, TrainRunConfig, checkpoint, train, trainer
+from masa.train import ConfigError, TrainRunConfig, checkpoint, train
 from masa.train.checkpoint import CheckpointError
 from masa.train.rundir import read_metrics
 
@@ -480,17 +480,7 @@ def test_disk_full_while_writing_a_summary_keeps_the_old_one(tmp_path, monkeypat
 def _interrupted_run(tmp_path: Path, monkeypatch, **settings) -> dict:
     """Train 8 steps with checkpoints every 4, killed (an exception) after logging step 6."""
     raw = tiny_raw(tmp_path, checkpoint_every=4, **settings)
-    real_append = trainer.append_metrics
-
-    def append_then_die(path, record):
-        real_append(path, record)
-        if record["step"] == 6:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer, "append_metrics", append_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainRunConfig.from_dict(raw))
-    monkeypatch.undo()
+    interrupted(monkeypatch, lambda: train(TrainRunConfig.from_dict(raw)), after_step=6)
     return raw
 
 

@@ -53,6 +53,23 @@ def tiny_raw(root: Path, **train) -> dict:
     }
 
 
+def interrupted(monkeypatch, run, after_step: int) -> None:
+    """Call ``run`` (a training) and kill it, as an exception, right after it logs ``after_step``."""
+    from masa.train import trainer
+
+    real_append = trainer.append_metrics
+
+    def append_then_die(path, record):
+        real_append(path, record)
+        if record["step"] == after_step:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "append_metrics", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+
+
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
