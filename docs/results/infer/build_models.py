@@ -1,13 +1,19 @@
 """Build the models `masa bench infer` compares: a synthetic Llama (blocks alike: block 0 plus noise,
 so shared atoms pay off as in a trained model) and its compressions, saved under OUT.
 
-    python docs/results/infer/build_models.py OUT [--shape bench|1b] [--ratios 0.4 ...] [--methods ...]
+    python docs/results/infer/build_models.py OUT [--shape bench|1gb|1b] [--ratios 0.4 ...] [--methods ...]
+        [--targets all-linear|attention] [--calib N]
 
-bench: 12 blocks, d=256 (the issue's model, 44 MiB); 1b: 16 blocks, d=2048, ffn 5632, vocab 32000
-(~1 B parameters, ~3.8 GB in float32: larger than any CPU's last-level cache).
+bench: 12 blocks, d=256 (the issue's model, 44 MiB); 1gb: 16 blocks, d=1024, ffn 2816, vocab 32000
+(266 M parameters, 1.0 GiB in float32: past a server CPU's last-level cache, so decoding is bound by
+memory bandwidth); 1b: 16 blocks, d=2048, ffn 5632, vocab 32000 (~1 B parameters, ~3.8 GB in float32).
+Each compression's wall time is appended to OUT/build_times.json (one thread unless OMP_NUM_THREADS
+says otherwise).
 """
 
 import argparse
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +26,8 @@ OPTIONS = {"cospadi": {"iterations": 2}}
 SHAPES = {
     "bench": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
                   num_attention_heads=4),
+    "1gb": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                num_attention_heads=16),
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                num_attention_heads=16),
 }  # fmt: skip
@@ -42,22 +50,32 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="bench")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     parser.add_argument("--methods", nargs="+", default=["svd-llm", "basis-sharing", "cospadi", "masa"])
+    parser.add_argument("--targets", choices=["all-linear", "attention"], default="all-linear")
+    parser.add_argument("--calib", type=int, default=16, help="calibration samples of 128 tokens (default 16)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if not (args.out / "original").exists():
         masa.save(base(args.shape, args.device), args.out / "original")
     vocab = SHAPES[args.shape]["vocab_size"]
-    calib = torch.randint(0, vocab, (16, 128), generator=torch.Generator().manual_seed(1))
+    calib = torch.randint(0, vocab, (args.calib, 128), generator=torch.Generator().manual_seed(1))
+    suffix = "" if args.targets == "all-linear" else "-attn"
+    log = args.out / "build_times.json"
     for ratio in args.ratios:
         for method in args.methods:
-            target = args.out / f"{method}-{round(ratio * 100)}"
+            target = args.out / f"{method}-{round(ratio * 100)}{suffix}"
             if target.exists():
                 continue
             model = base(args.shape, args.device)
-            config = CompressConfig(method, ratio, targets=("all-linear",), options=OPTIONS.get(method, {}))
+            config = CompressConfig(method, ratio, targets=(args.targets,), options=OPTIONS.get(method, {}))
+            start = time.perf_counter()
             compress(model, config, calib.to(args.device))
+            seconds = time.perf_counter() - start
             masa.save(model, target)
-            print("saved", target, flush=True)
+            times = json.loads(log.read_text()) if log.exists() else {}
+            times[target.name] = {"seconds": round(seconds, 1), "calib": list(calib.shape),
+                                  "threads": torch.get_num_threads()}  # fmt: skip
+            log.write_text(json.dumps(times, indent=1))
+            print(f"saved {target} ({seconds:.0f} s to compress)", flush=True)
 
 
 if __name__ == "__main__":
