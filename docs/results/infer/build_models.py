@@ -2,7 +2,7 @@
 so shared atoms pay off as in a trained model) and its compressions, saved under OUT.
 
     python docs/results/infer/build_models.py OUT [--shape bench|1gb|1b] [--ratios 0.4 ...] [--methods ...]
-        [--targets all-linear|attention] [--calib N]
+        [--targets all-linear|attn] [--calib N]
 
 bench: 12 blocks, d=256 (the issue's model, 44 MiB); 1gb: 16 blocks, d=1024, ffn 2816, vocab 32000
 (266 M parameters, 1.0 GiB in float32: past a server CPU's last-level cache, so decoding is bound by
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="bench")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     parser.add_argument("--methods", nargs="+", default=["svd-llm", "basis-sharing", "cospadi", "masa"])
-    parser.add_argument("--targets", choices=["all-linear", "attention"], default="all-linear")
+    parser.add_argument("--targets", choices=["all-linear", "attn"], default="all-linear")
     parser.add_argument("--calib", type=int, default=16, help="calibration samples of 128 tokens (default 16)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
