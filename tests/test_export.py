@@ -116,3 +116,17 @@ def test_export_writes_the_source_config_verbatim(tmp_path):
     bare = masa.save(masa.load(compressed), tmp_path / "bare")
     assert main(["export", str(bare), "--dense", "--out", str(tmp_path / "bare-plain")]) == 0
     assert "rope_parameters" in json.loads((tmp_path / "bare-plain" / "config.json").read_text())
+
+
+def test_export_refuses_a_native_model_and_a_missing_mode(tmp_path, capsys):
+    from masa.model import MasaLM, MasaLMConfig
+
+    config = MasaLMConfig(
+        vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=16, attention="lowrank", rank=4
+    )
+    native = masa.save(MasaLM(config), tmp_path / "native")
+    assert main(["export", str(native), "--dense", "--out", str(tmp_path / "out")]) == 2
+    assert "native masa model" in capsys.readouterr().err
+    assert main(["export", str(native), "--out", str(tmp_path / "out")]) == 2
+    assert "--dense" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

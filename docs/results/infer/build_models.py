@@ -2,7 +2,7 @@
 so shared atoms pay off as in a trained model) and its compressions, saved under OUT.
 
     python docs/results/infer/build_models.py OUT [--shape bench|1gb|1b] [--ratios 0.4 ...] [--methods ...]
-        [--targets all-linear|attn] [--calib N]
+        [--targets all-linear|attn] [--calib N] [--options JSON]
 
 bench: 12 blocks, d=256 (the issue's model, 44 MiB); 1gb: 16 blocks, d=1024, ffn 2816, vocab 32000
 (266 M parameters, 1.0 GiB in float32: past a server CPU's last-level cache, so decoding is bound by
@@ -51,7 +51,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4])
     parser.add_argument("--methods", nargs="+", default=["svd-llm", "basis-sharing", "cospadi", "masa"])
     parser.add_argument("--targets", choices=["all-linear", "attn"], default="all-linear")
-    parser.add_argument("--calib", type=int, default=16, help="calibration samples of 128 tokens (default 16)")
+    parser.add_argument(
+        "--calib", type=int, default=16, help="calibration samples of 128 tokens (default 16)"
+    )
+    parser.add_argument(
+        "--options", type=json.loads, default={}, help='per method, e.g. {"masa": {"groups": 1}}'
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if not (args.out / "original").exists():
@@ -66,14 +71,19 @@ def main() -> None:
             if target.exists():
                 continue
             model = base(args.shape, args.device)
-            config = CompressConfig(method, ratio, targets=(args.targets,), options=OPTIONS.get(method, {}))
+            config = CompressConfig(
+                method,
+                ratio,
+                targets=(args.targets,),
+                options=OPTIONS.get(method, {}) | args.options.get(method, {}),
+            )
             start = time.perf_counter()
             compress(model, config, calib.to(args.device))
             seconds = time.perf_counter() - start
             masa.save(model, target)
             times = json.loads(log.read_text()) if log.exists() else {}
             times[target.name] = {"seconds": round(seconds, 1), "calib": list(calib.shape),
-                                  "threads": torch.get_num_threads()}  # fmt: skip
+                                  "threads": torch.get_num_threads(), "options": config.options}  # fmt: skip
             log.write_text(json.dumps(times, indent=1))
             print(f"saved {target} ({seconds:.0f} s to compress)", flush=True)
 
