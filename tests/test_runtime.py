@@ -199,6 +199,18 @@ def test_bench_infer_wiring(saved, tmp_path):
     compact = results["variants"][1]
     assert compact["resident_bytes"] <= compact["stored_bytes"] * 1.02
     assert (tmp_path / "out" / "infer.md").is_file() and (tmp_path / "out" / "prefill.png").is_file()
+    assert results["clock"] == "wall" and len(first["prefill"]["times_s"]) == 1
+
+
+def test_bench_infer_cpu_clock(saved, tmp_path):
+    """``--clock cpu`` times process CPU time (a machine shared with other jobs); CPU device only."""
+    from masa.bench.infer import measure_infer
+
+    results = measure_infer([str(saved["llama", "svd-llm"])], ["compact"], batch=1, prompt_len=4,
+                            new_tokens=2, rounds=2, warmup=0, clock="cpu")  # fmt: skip
+    assert results["clock"] == "cpu" and all(t > 0 for t in results["variants"][0]["prefill"]["times_s"])
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        measure_infer([str(saved["llama", "svd-llm"])], ["compact"], clock="gpu")
 
 
 @pytest.mark.parametrize("case", [("llama", "masa"), ("llama", "cospadi")], ids="-".join)
