@@ -81,3 +81,52 @@ def test_export_refuses_a_plain_model_and_an_existing_target(tmp_path, capsys):
     assert main(["export", str(source), "--dense", "--out", str(tmp_path / "taken")]) == 2
     assert "exists" in capsys.readouterr().err
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_export_writes_the_source_config_verbatim(tmp_path):
+    """A 4.x-style config (``rope_scaling`` llama3, which transformers 5 re-saves as ``rope_parameters``)
+    comes back byte for byte, and transformers loads the export to the dense runtime's logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    build("llama3", n_layer=2).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope  # the 4.x spelling
+    text = json.dumps(config, indent=3) + "\n"
+    (source / "config.json").write_text(text)
+    model = masa.load(source)
+    assert model.config.rope_parameters["rope_type"] == "llama3"  # transformers read the 4.x keys
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    compress(model, CompressConfig("svd-llm", 0.3, targets=("all-linear",)), calib=ids)
+    compressed = masa.save(model, tmp_path / "svd", files_from=source)
+    assert "rope_scaling" not in (compressed / "config.json").read_text()  # transformers 5 rewrote it
+    assert main(["export", str(compressed), "--dense", "--out", str(tmp_path / "plain")]) == 0
+    assert (tmp_path / "plain" / "config.json").read_text() == text
+    assert not (tmp_path / "plain" / "source_config.json").exists()
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits
+        dense = masa.load(compressed, runtime="dense")(ids).logits
+    torch.testing.assert_close(plain, dense, atol=1e-5, rtol=1e-5)
+    # a masa source passes the kept text on; a model saved without a source falls back to its config
+    again = masa.save(masa.load(compressed), tmp_path / "again", files_from=compressed)
+    assert (again / "source_config.json").read_text() == text
+    bare = masa.save(masa.load(compressed), tmp_path / "bare")
+    assert main(["export", str(bare), "--dense", "--out", str(tmp_path / "bare-plain")]) == 0
+    assert "rope_parameters" in json.loads((tmp_path / "bare-plain" / "config.json").read_text())
+
+
+def test_export_refuses_a_native_model_and_a_missing_mode(tmp_path, capsys):
+    from masa.model import MasaLM, MasaLMConfig
+
+    config = MasaLMConfig(
+        vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=16, attention="lowrank", rank=4
+    )
+    native = masa.save(MasaLM(config), tmp_path / "native")
+    assert main(["export", str(native), "--dense", "--out", str(tmp_path / "out")]) == 2
+    assert "native masa model" in capsys.readouterr().err
+    assert main(["export", str(native), "--out", str(tmp_path / "out")]) == 2
+    assert "--dense" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -119,6 +119,31 @@ def test_compact_decoding_paths_match_the_dense_weight():
                 torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_atoms", [1, 3])
+def test_shared_layer_applies_atoms_directly_for_one_atom_or_one_token(n_atoms):
+    """One atom, or one token, runs y = sum_s c_s x D_s^T; otherwise the weight is built: same outputs
+    and gradients as the dense weight either way."""
+    torch.manual_seed(0)
+    dictionary = AtomDictionary(n_atoms, 20, 24, n_blocks=4)
+    torch.nn.init.normal_(dictionary.atoms)
+    shared = SharedLinear(dictionary, 1, bias=True)
+    torch.nn.init.normal_(shared.coefficients)
+    torch.nn.init.normal_(shared.bias)
+    for shape in [(24,), (1, 1, 24), (2, 1, 24), (2, 64, 24)]:
+        x = torch.randn(shape)
+        y = shared(x)
+        reference = torch.nn.functional.linear(x, shared.to_dense().detach(), shared.bias.detach())
+        torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(y.square().sum(), [dictionary.atoms, shared.coefficients])
+        weight = dictionary.weights(shared.coefficients)
+        expected = torch.autograd.grad(
+            torch.nn.functional.linear(x, weight, shared.bias).square().sum(),
+            [dictionary.atoms, shared.coefficients],
+        )
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_training_keeps_gradients_in_compact_form(saved, ids):
     model = masa.load(saved["llama", "masa"]).train()
     model(ids, labels=ids).loss.backward()
@@ -174,6 +199,18 @@ def test_bench_infer_wiring(saved, tmp_path):
     compact = results["variants"][1]
     assert compact["resident_bytes"] <= compact["stored_bytes"] * 1.02
     assert (tmp_path / "out" / "infer.md").is_file() and (tmp_path / "out" / "prefill.png").is_file()
+    assert results["clock"] == "wall" and len(first["prefill"]["times_s"]) == 1
+
+
+def test_bench_infer_cpu_clock(saved, tmp_path):
+    """``--clock cpu`` times process CPU time (a machine shared with other jobs); CPU device only."""
+    from masa.bench.infer import measure_infer
+
+    results = measure_infer([str(saved["llama", "svd-llm"])], ["compact"], batch=1, prompt_len=4,
+                            new_tokens=2, rounds=2, warmup=0, clock="cpu")  # fmt: skip
+    assert results["clock"] == "cpu" and all(t > 0 for t in results["variants"][0]["prefill"]["times_s"])
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        measure_infer([str(saved["llama", "svd-llm"])], ["compact"], clock="gpu")
 
 
 @pytest.mark.parametrize("case", [("llama", "masa"), ("llama", "cospadi")], ids="-".join)

@@ -5,11 +5,17 @@ and written under the original model's tensor names and layouts (GPT-2 ``Conv1D`
 projections re-fused in their row order: ``c_attn``, ``qkv_proj``, GPT-NeoX's per-head interleave), so
 ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it without masa. It keeps the compressed model's
 quality and gives up its memory saving: the checkpoint is as large as the original.
+
+The config written is the source model's config.json byte for byte when the compressed directory kept
+it (``source_config.json``, which ``masa compress`` writes from the model it read: transformers 5
+rewrites keys such as ``rope_scaling`` that 4.x stacks need), otherwise the saved config without
+its masa block.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 
@@ -18,7 +24,7 @@ def export_dense(directory: str | Path, out: str | Path, *, overwrite: bool = Fa
     from safetensors.torch import save_file
 
     from masa.io import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, inspect_checkpoint, load, write_json
-    from masa.io.serialization import _copy_files
+    from masa.io.serialization import SOURCE_CONFIG_NAME, _copy_files
 
     checkpoint = inspect_checkpoint(directory)
     operations = checkpoint.masa_block.get("surgery", []) if checkpoint.is_masa else []
@@ -33,12 +39,13 @@ def export_dense(directory: str | Path, out: str | Path, *, overwrite: bool = Fa
             "checkpoint, nothing to export; use it as it is"
         )
     tensors = _plain_tensors(load(directory, runtime="dense"), checkpoint.config)
-    config = checkpoint.masa_block.get("source_config") or {
-        k: v for k, v in checkpoint.config.items() if k != "masa"
-    }
+    source_config = checkpoint.directory / SOURCE_CONFIG_NAME
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, config)
+        if source_config.is_file():  # the source's config.json as it was (kept by masa.save)
+            shutil.copyfile(source_config, tmp / CONFIG_NAME)
+        else:
+            write_json(tmp / CONFIG_NAME, {k: v for k, v in checkpoint.config.items() if k != "masa"})
         _copy_files(checkpoint.directory, tmp, with_tokenizer=True)
     return Path(out)
 

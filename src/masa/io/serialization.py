@@ -61,6 +61,8 @@ COMPANION_PATTERNS = (
     "NOTICE",
     "USE_POLICY.md",
 )
+# The source model's config.json, verbatim (see _keep_source_config).
+SOURCE_CONFIG_NAME = "source_config.json"
 
 
 # ------------------------------------------------------------------------------------------ state dict
@@ -180,12 +182,31 @@ def save(
         write_json(tmp / CONFIG_NAME, config)
         if source is not None:
             _copy_files(Path(source), tmp, with_tokenizer=tokenizer is None)
+            _keep_source_config(Path(source), tmp, config.get("model_type"))
         if tokenizer is not None:
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(tmp))
             else:
                 tokenizer.save(str(tmp / "tokenizer.json"))
     return Path(directory)
+
+
+def _keep_source_config(source: Path, target: Path, model_type: str | None) -> None:
+    """Copy the source's config.json text unchanged to ``target/source_config.json`` (a masa source
+    passes on the one it kept), for ``masa export --dense`` to write back verbatim: transformers 5
+    rewrites some keys when it saves a config (``rope_scaling`` as ``rope_parameters``) that 4.x stacks
+    do not read. Skipped when the source describes another architecture (a converted model)."""
+    original = source / SOURCE_CONFIG_NAME
+    if not original.is_file():
+        original = source / CONFIG_NAME
+        if not original.is_file():
+            return
+    try:
+        data = json.loads(original.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(data, dict) and "masa" not in data and data.get("model_type") == model_type:
+        shutil.copyfile(original, target / SOURCE_CONFIG_NAME)
 
 
 def _copy_files(source: Path, target: Path, *, with_tokenizer: bool) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from masa.model.attention import Attention, LowRankLinear, module_assignment, rotary_cos_sin
+from masa.model.attention import Attention, KVCache, LowRankLinear, module_assignment, rotary_cos_sin
 from masa.model.config import MasaLMConfig
 
 _SHARED_MODULE_VARIANTS = ("seq-share", "cycle-share")
@@ -65,8 +65,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,16 +138,24 @@ class MasaLM(nn.Module):
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for :meth:`forward` (one entry per block)."""
+        return KVCache(self.config.n_layer)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of input_ids (B, T). With ``cache`` (:meth:`new_cache`), input_ids are the
+        tokens after the ones already cached (positions continue from there) and join the cache:
+        decoding then runs one token per step instead of the whole context."""
+        past = 0 if cache is None else len(cache)
+        seq_len = past + input_ids.shape[1]
         if seq_len > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}: crop the input"
             )
         x = self.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = rotary_cos_sin(self.config, seq_len, x.device, x.dtype)  # (T, hd) each
-        for block in self.layers:
-            x = block(x, cos, sin)
+        cos, sin = rotary_cos_sin(self.config, input_ids.shape[1], x.device, x.dtype, start=past)  # (T, hd)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def attention_parameters(self) -> list[nn.Parameter]:

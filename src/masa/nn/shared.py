@@ -207,7 +207,23 @@ class SharedLinear(MasaLinear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """Build the weight (S d_out d_in) and apply it (d_out d_in per token); or, with one atom or one
+        token (decoding at batch 1), apply the atoms themselves and combine their outputs,
+        y = sum_s c_s x D_s^T (S d_out d_in per token, no weight buffer written and read back)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        coefficients = self.current_coefficients()
+        n_atoms, tokens = coefficients.shape[-1], x.numel() // self.in_features
+        if tokens * (n_atoms - 1) > n_atoms:  # building the weight is fewer operations
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        atoms = self._dictionary.atoms.reshape(n_atoms * self.out_features, self.in_features)
+        y = F.linear(x, atoms.to(x.dtype))  # (..., S d_out)
+        if n_atoms == 1:
+            y = y * coefficients.to(x.dtype)
+        else:
+            y = torch.einsum(
+                "...so,s->...o", y.unflatten(-1, (n_atoms, self.out_features)), coefficients.to(x.dtype)
+            )
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (
