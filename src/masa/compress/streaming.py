@@ -28,7 +28,7 @@ from masa.compress.install import install
 from masa.compress.layout import resolve_layout
 from masa.compress.registry import Method, get_method
 from masa.io.serialization import save, unique_state_dict
-from masa.io.stream import ShardWriter, StreamedModel
+from masa.io.stream import ShardWriter, StreamedModel, return_large_allocations, trim_heap
 
 
 class StreamedBlocks(BlockAccess):
@@ -56,7 +56,9 @@ class StreamedBlocks(BlockAccess):
         if self.writer is not None:
             state = self.streamed.model.get_submodule(prefix).state_dict()
             self.writer.write({f"{prefix}.{key}": value for key, value in state.items()})
+            del state
         self.streamed.release(prefix)
+        trim_heap()
 
 
 def compress_checkpoint(
@@ -77,6 +79,11 @@ def compress_checkpoint(
     Weights are read in ``dtype`` (default: the checkpoint's) onto ``device``; ``mode`` as in
     :func:`masa.compress.compress`. ``result.memory`` holds the peak host (and device) memory growth.
     """
+    if config.compensate:
+        raise ValueError(
+            "--compensate is not applied by a streamed compression yet; compress without --low-memory"
+        )
+    return_large_allocations()  # freed per-block arrays go back to the system (masa.io.stream)
     meter = PeakMemory(torch.device("cpu"))
     device_meter = PeakMemory(torch.device(device)) if torch.device(device).type == "cuda" else None
     seconds: dict[str, float] = {}

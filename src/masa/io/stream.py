@@ -15,6 +15,10 @@ moves them into the saved directory with the shard index.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import json
 import os
 import re
@@ -219,3 +223,42 @@ class ShardWriter:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+MMAP_THRESHOLD = 1 << 20  # allocations from 1 MiB up get their own pages, returned to the system when freed
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl and macOS have no mallopt parameters)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def return_large_allocations() -> bool:
+    """Make glibc malloc serve every allocation of ``MMAP_THRESHOLD`` or more with its own pages.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    blocks of that size come from the heap and stay in the process when freed: a streamed compression's
+    per-block arrays (weights in float64, Gram matrices, SVD work space, a few to a few hundred MiB each)
+    then pile up block after block. A fixed threshold turns off that adjustment. Process-wide; a no-op
+    (False) where the C library is not glibc. Measured: docs/results/scale/README.md.
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc ``malloc_trim``; elsewhere only ``gc``)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
