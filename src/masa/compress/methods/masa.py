@@ -52,7 +52,7 @@ from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout
 from masa.compress.methods.lowrank import svd_llm
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, squared_singular_values, whitened_error, whitened_lowrank
 from masa.sharing.pca import matrix_pca
 from masa.sharing.surgery import DictionaryPlan, resolve_groups
 
@@ -187,7 +187,7 @@ def _refits(p: Projection, atoms: torch.Tensor) -> list[tuple[torch.Tensor, torc
     for s in range(len(atoms) + 1):
         coeffs = torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]  # (s,)
         residual = whitened - (coeffs @ basis[:s]).reshape(whitened.shape)
-        fits.append((coeffs, torch.linalg.svdvals(residual).square()))
+        fits.append((coeffs, squared_singular_values(residual)))
     return fits
 
 
@@ -461,8 +461,7 @@ def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, fl
     except ValueError:
         return None
     return {
-        p.name: _error([torch.linalg.svdvals(p.weight @ p.chol).square()], [ranks[p.name]])
-        for p in projections
+        p.name: _error([squared_singular_values(p.weight @ p.chol)], [ranks[p.name]]) for p in projections
     }
 
 
