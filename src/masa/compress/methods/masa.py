@@ -117,6 +117,22 @@ class Projection:
     bias: torch.Tensor | None  # (d_out,), the layer's own tensor
     gram: torch.Tensor  # (d_in, d_in)
     chol: torch.Tensor  # (d_in, d_in) lower, chol chol^T = gram + lambda I
+    _whitened: torch.Tensor | None = field(default=None, repr=False)
+    _spectrum: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def whitened(self) -> torch.Tensor:
+        """W L (d_out, d_in), computed once: every group the layer is tried in starts from it."""
+        if self._whitened is None:
+            self._whitened = self.weight @ self.chol
+        return self._whitened
+
+    @property
+    def spectrum(self) -> torch.Tensor:
+        """Squared singular values of W L (descending), computed once: the residual without atoms."""
+        if self._spectrum is None:
+            self._spectrum = squared_singular_values(self.whitened)
+        return self._spectrum
 
 
 @dataclass
@@ -180,11 +196,13 @@ def _mean_gram_atoms(projections: list[Projection], n_atoms: int) -> torch.Tenso
 def _refits(p: Projection, atoms: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For S = 0..len(atoms): the block's coefficients (S,) fitted on the first S atoms in its whitened
     space, and the squared singular values of the whitened residual (descending)."""
-    whitened = p.weight @ p.chol  # (d_out, d_in)
+    whitened = p.whitened  # (d_out, d_in)
+    fits = [(whitened.new_zeros(0), p.spectrum)]  # S = 0: the layer itself
+    if len(atoms) == 0:
+        return fits
     basis = (atoms @ p.chol).flatten(1)  # (S_max, d_out*d_in)
     system, target = basis @ basis.T, basis @ whitened.reshape(-1)  # (S_max, S_max), (S_max,)
-    fits = []
-    for s in range(len(atoms) + 1):
+    for s in range(1, len(atoms) + 1):
         coeffs = torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]  # (s,)
         residual = whitened - (coeffs @ basis[:s]).reshape(whitened.shape)
         fits.append((coeffs, squared_singular_values(residual)))
@@ -460,9 +478,7 @@ def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, fl
         ranks = allocate({p.name: rank_knob(*p.weight.shape, p.bias is not None) for p in projections}, ratio)
     except ValueError:
         return None
-    return {
-        p.name: _error([squared_singular_values(p.weight @ p.chol)], [ranks[p.name]]) for p in projections
-    }
+    return {p.name: _error([p.spectrum], [ranks[p.name]]) for p in projections}
 
 
 def _unit_report(unit: Unit, errors: dict[str, float]) -> dict:
