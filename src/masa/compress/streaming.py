@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from masa.arch import find_blocks, get_adapter
+from masa.arch import find_blocks, get_adapter, unfuse
 from masa.compress.api import CompressResult, _result, _stored_numbers, _tokens
 from masa.compress.blockwise import DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration.collect import BlockAccess, CalibrationStats, PeakMemory, calibrate
@@ -90,12 +90,9 @@ def compress_checkpoint(
     start = time.perf_counter()
     streamed = StreamedModel(directory, device=device, dtype=dtype)
     model = streamed.model
-    if get_adapter(model).fused:
-        raise ValueError(
-            f"{type(model).__name__} fuses its projections, which streaming does not split yet; compress it "
-            "without --low-memory"
-        )
     blocks_path, blocks = find_blocks(model)
+    if get_adapter(model).fused:
+        unfuse(model, blocks_path)  # on meta, recorded; each block's fused tensors are split as it is read
     streamed.load("", exclude=blocks_path)
     method = get_method(config.method)
     layout = resolve_layout(model, config)

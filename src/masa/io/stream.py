@@ -61,6 +61,32 @@ class StreamedModel:
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(self.device)
         self._sources = _key_sources(self.checkpoint, self.model)
+        self._fused = _fused_modules(self.model)
+
+    def _split_fused(self, module: nn.Module, head: str, state: dict, read) -> None:
+        """Fill ``state`` for the :class:`SplitLinear` s under ``module`` (fused projections split by
+        ``masa.arch.unfuse`` on the skeleton) from their fused tensors in the files, split as ``unfuse``
+        splits them in memory."""
+        from masa.arch import linear_weight
+        from masa.nn.fused import SplitLinear
+
+        for name, split in module.named_modules():
+            full = head + name
+            if not isinstance(split, SplitLinear) or full not in self._fused:
+                continue
+            if not any(p.device.type == "meta" for p in split.parameters()):
+                continue
+            fused = self._fused[full]  # the fused module of the skeleton, on meta
+            fused.load_state_dict(
+                {leaf: read(f"{full}.{leaf}") for leaf, _ in fused.named_parameters()}, assign=True
+            )
+            weight, bias = linear_weight(fused)  # (d_out, d_in), (d_out,)
+            parts = {part: split.get_submodule(part).out_features for part in split.parts}
+            pieces = SplitLinear.from_fused(weight, bias, parts, split.groups)
+            for key, value in pieces.state_dict().items():
+                state[f"{name}.{key}" if name else key] = value
+            for leaf, param in list(fused.named_parameters()):  # back on meta: the pieces own copies
+                fused._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     def load(self, prefix: str = "", *, exclude: str | None = None) -> None:
         """Read the parameters of submodule ``prefix`` ('' = the model), skipping those under ``exclude``.
@@ -71,24 +97,31 @@ class StreamedModel:
         head = f"{prefix}." if prefix else ""
         state: dict[str, torch.Tensor] = {}
         handles: dict[Path, object] = {}
+
+        def read(full: str) -> torch.Tensor:
+            file, key = self._sources[full]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            tensor = handles[file].get_tensor(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            return tensor.to(self.device)
+
         for name, param in module.named_parameters(remove_duplicate=False):
             full = head + name
             if param.device.type != "meta" or (exclude is not None and full.startswith(exclude + ".")):
                 continue
             if full not in self._sources:
-                continue  # tied to another parameter (checked when the skeleton was mapped)
-            file, key = self._sources[full]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            tensor = handles[file].get_tensor(key)
+                continue  # tied to another parameter (checked when the skeleton was mapped), or split below
+            tensor = read(full)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{file}: tensor {key} has shape {tuple(tensor.shape)} but {full} needs {tuple(param.shape)}; "
-                    "the checkpoint does not match its config.json"
+                    f"{self._sources[full][0]}: tensor {self._sources[full][1]} has shape {tuple(tensor.shape)} "
+                    f"but {full} needs {tuple(param.shape)}; the checkpoint does not match its config.json"
                 )
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            state[name] = tensor.to(self.device)
+            state[name] = tensor
+        if self._fused and exclude is None:
+            self._split_fused(module, head, state, read)
         module.load_state_dict(state, strict=False, assign=True)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
@@ -106,6 +139,23 @@ class StreamedModel:
         """Bytes the parameters of submodule ``prefix`` take once loaded in ``dtype``."""
         size = torch.empty((), dtype=self.dtype).element_size()
         return sum(p.numel() * size for p in self.model.get_submodule(prefix).parameters())
+
+
+def _fused_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module of every fused projection of the blocks (before ``unfuse`` replaces them)."""
+    from masa.arch import find_blocks, get_adapter
+
+    try:
+        adapter = get_adapter(model)
+        blocks_path, blocks = find_blocks(model)
+    except ValueError:
+        return {}
+    return {
+        f"{blocks_path}.{i}.{path}": block.get_submodule(path)
+        for i, block in enumerate(blocks)
+        for path in adapter.fused
+        if type(block.get_submodule(path)).__name__ != "SplitLinear"  # a masa directory: split already
+    }
 
 
 def _skeleton(checkpoint: Checkpoint) -> nn.Module:
