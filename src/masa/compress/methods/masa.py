@@ -461,9 +461,11 @@ def _plan(
     """Groups, atoms and ranks of every targeted layer."""
     groupings = _groupings(options, block_kl, n_blocks)
     keep = _keep_fractions(by_role, ratio, options.role_weights)
-    chosen = {
-        role: _choose_grouping(role, path, ps, groupings, keep[role]) for (role, path), ps in by_role.items()
-    }
+    chosen = {}
+    for (role, path), ps in by_role.items():
+        chosen[role] = _choose_grouping(role, path, ps, groupings, keep[role])
+        for p in ps:  # W L served every candidate group of the role; the spectra stay
+            p._whitened = None
     energy = {role: _energy(ps) or 1.0 for (role, _), ps in by_role.items()}
     weights = {role: options.role_weights.get(role, 1.0) / e for role, e in energy.items()}
     units = [u for role_units, _ in chosen.values() for u in role_units]
