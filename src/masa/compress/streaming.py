@@ -6,7 +6,11 @@ read (``masa.io.stream.StreamedModel``). Per-layer methods then walk the blocks 
 one install step, written as a safetensors shard and freed. Methods that fit groups of blocks together
 (masa, Basis Sharing, CoSpaDi, fwsvd's whole-model gradients aside) first make a statistics pass that
 streams the blocks the same way, then hold the targeted blocks to fit them together and write them.
-Peak host memory is reported next to the file size. A streamed per-layer method chooses its ranks block
+Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``) are unfused on
+the skeleton (the operation recorded once) and split block by block as their tensors are read. Peak host
+memory is reported next to the file size; glibc's heap is told to return large freed arrays to the system
+(``masa.io.stream.return_large_allocations``) and trimmed after each block, so a block's work space does
+not stay in the process (measured: docs/results/scale/README.md). A streamed per-layer method chooses its ranks block
 by block (the in-memory ``compress`` in the original mode chooses them over all targets at once, so its
 ``whitened-error`` allocation can move rank across blocks; the two agree exactly in the sequential mode).
 """
