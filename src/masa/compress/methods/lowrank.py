@@ -141,10 +141,13 @@ def truncate(
     transform: Callable[[str], torch.Tensor],
     gram_of: Callable[[str], torch.Tensor] | None = None,
     output_side: bool = False,
+    in_weight_dtype: bool = False,
 ) -> Replacement:
     """Each target as its rank-r truncation minimising ||(W - W_hat) T||_F, T = ``transform(name)``
     (lower triangular, (d_in, d_in)); ``output_side`` minimises ||T (W - W_hat)||_F with T (d_out, d_out)
-    diagonal instead; with ``gram_of`` the ``up`` factor is refitted by least squares."""
+    diagonal instead; with ``gram_of`` the ``up`` factor is refitted by least squares. The factors are
+    float64, or with ``in_weight_dtype`` in the weight's dtype (the one ``install`` rounds them to: the same
+    installed values, half the memory while the replacement is built)."""
     result = Replacement(report={"ranks": ranks})
     for t in targets:
         weight = t.weight  # converted to float64 where it is used (one transient copy, not one per layer)
@@ -158,10 +161,9 @@ def truncate(
                     up = refit_up(weight, down, gram_of(t.name).to(weight.device))
         except ValueError as err:
             raise ValueError(f"{t.name}: {err}") from err
-        # kept in the weight's dtype, the one install rounds them to: the same values, half the memory
-        result = result.extend(
-            lowrank_replacement(t.name, up.to(weight.dtype), down.to(weight.dtype), t.bias)
-        )
+        if in_weight_dtype:
+            up, down = up.to(weight.dtype), down.to(weight.dtype)
+        result = result.extend(lowrank_replacement(t.name, up, down, t.bias))
     return result
 
 
@@ -208,7 +210,7 @@ def svd_llm(layout: Layout, stats: CalibrationStats, config: CompressConfig) -> 
     gram_of = stats.grams.__getitem__ if options.refit else None
     consume = stats.consumable and not options.refit  # each Gram freed once factorised (streaming)
     chol = per_input(cholesky_factor, stats.grams, last_only=True, consume=consume)
-    result = truncate(layout.targets, ranks, chol, gram_of)
+    result = truncate(layout.targets, ranks, chol, gram_of, in_weight_dtype=True)
     result.report.update(refit=options.refit, allocation=options.allocation)
     return result
 
