@@ -6,7 +6,9 @@ holding it, and then loads one submodule at a time with ``safe_open(...).get_ten
 tensor's bytes are read) and puts it back on ``meta`` when done. Plain Hugging Face keys are renamed by
 transformers' own conversion mapping (GPT-NeoX ``embed_out`` -> ``lm_head``, legacy ``gamma``/``beta``,
 the base-model prefix), so it reads the same tensors ``from_pretrained`` does; checkpoints that need a
-converter (fused or split tensors) are refused with the way out.
+converter (fused or split tensors) are refused with the way out. Fused projections that ``masa.arch.unfuse``
+split on the skeleton (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``) are read as
+their fused tensor and split the same way when their block is loaded.
 
 :class:`ShardWriter` writes the tensors of finished blocks as safetensors shards as they come, so a
 streamed compression never holds the compressed model either; ``masa.save(..., weights=writer.finish)``
