@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import checkpoints
 import pytest
@@ -95,9 +96,6 @@ def test_streaming_refusals(tokens, tmp_path):
     llama = checkpoints.llama(tmp_path / "llama")
     with pytest.raises(ValueError, match="gradients through the whole model"):
         compress_checkpoint(llama, CompressConfig("fwsvd", 0.3), tmp_path / "a", tokens)
-    gpt2 = checkpoints.gpt2_published(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="fuses its projections"):
-        compress_checkpoint(gpt2, CompressConfig("svd-llm", 0.3), tmp_path / "b", tokens)
     with pytest.raises(ValueError, match="exceed the model's"):
         compress_checkpoint(
             llama, CompressConfig("svd-llm", 0.3), tmp_path / "c", torch.zeros(1, 5000).long()
@@ -162,3 +160,23 @@ def test_streamed_eval_equals_in_memory(tmp_path):
     ids = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(1))
     expected = perplexity(masa.load(directory), ids, seq_len=32, progress=False)
     assert perplexity(StreamedCausalLM(directory), ids, seq_len=32, progress=False) == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2_published", "gpt_neox", "phi3"])
+def test_streamed_fused_families_equal_in_memory(family, tokens, tmp_path):
+    """Fused projections (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) are split
+    block by block as they are read, exactly as ``unfuse`` splits them in memory."""
+    if family == "phi3":
+        from tiny_models import build
+
+        directory = checkpoints._saved(build("phi3", n_layer=2), tmp_path / "in")
+    else:
+        directory = getattr(checkpoints, family)(tmp_path / "in")
+    config = CompressConfig("svd-llm", 0.3, ("all-linear",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the published GPT-2's legacy attention buffers
+        model = masa.load(directory)
+        in_memory = compress(model, config, tokens, mode="sequential")
+        streamed = compress_checkpoint(directory, config, tmp_path / "out", tokens, mode="sequential")
+    assert streamed.report == in_memory.report and streamed.ratio_reached == in_memory.ratio_reached
+    assert torch.equal(_out(masa.load(tmp_path / "out")), _out(model))

@@ -129,37 +129,61 @@ def fit_blockwise(
         run.add_time("calibration", start)
     indices = range(len(blocks)) if progress is None else progress(range(len(blocks)))
     for i in indices:
-        targets = [t for t in layout.targets if t.block == i]
         access.load(i)
-        block_stats = stats
-        if feed is not None:
-            start = time.perf_counter()
-            accumulator = Accumulator(meter)
-            with accumulator.hooks({t.name: model.get_submodule(t.name) for t in targets}):
-                outputs, _ = feed.run(i, blocks[i], accumulator)
-            block_grams, block_means = accumulator.shared(tokens.numel())
-            block_stats = CalibrationStats(block_grams, block_means, tokens.numel(), None, *tokens.shape)
-            run.add_time("calibration", start)
-        if targets:
-            start = time.perf_counter()
-            replacement = method.fn(
-                Layout(blocks_path, len(blocks), layout.causal, block_targets(model, layout, i)),
-                block_stats if method.needs else None,
-                config,
-            )
-            install(model, replacement)
-            run.merge(replacement.report)
-            run.add_time("factorisation", start)
-        if feed is not None:
-            start = time.perf_counter()
-            if mode == "sequential" and targets:
-                outputs, _ = feed.run(i, blocks[i])  # the compressed block's outputs feed the next block
-            feed.advance(outputs)
-            meter.sample()
-            run.add_time("calibration", start)
-        access.done(i)
+        _fit_block(model, layout, config, method, i, run, stats, tokens, feed, meter, mode)
+        access.done(i)  # the block's statistics and factors died with _fit_block's frame
     if feed is not None:  # a summary: each block's statistics were dropped once it was fitted
         run.calibration = CalibrationStats(
             {}, {}, tokens.numel(), None, *tokens.shape, meter.bytes(), run.seconds["calibration"]
         )
     return run
+
+
+def _fit_block(
+    model: nn.Module,
+    layout: Layout,
+    config: CompressConfig,
+    method: Method,
+    i: int,
+    run: BlockwiseRun,
+    stats: CalibrationStats | None,
+    tokens: torch.Tensor | None,
+    feed: BlockFeed | None,
+    meter: PeakMemory | None,
+    mode: str,
+) -> None:
+    """Calibrate (when ``feed``) and fit block ``i``; its statistics are freed on return."""
+    blocks_path, blocks = find_blocks(model)
+    targets = [t for t in layout.targets if t.block == i]
+    block_stats = stats
+    if feed is not None:
+        start = time.perf_counter()
+        accumulator = Accumulator(meter)
+        with accumulator.hooks({t.name: model.get_submodule(t.name) for t in targets}):
+            outputs, _ = feed.run(i, blocks[i], accumulator)
+        block_grams, block_means = accumulator.shared(tokens.numel())
+        del accumulator
+        block_stats = CalibrationStats(
+            block_grams, block_means, tokens.numel(), None, *tokens.shape, consumable=True
+        )  # this block's own: the method may free each Gram as it goes
+        del block_grams, block_means
+        run.add_time("calibration", start)
+    if targets:
+        start = time.perf_counter()
+        replacement = method.fn(
+            Layout(blocks_path, len(blocks), layout.causal, block_targets(model, layout, i)),
+            block_stats if method.needs else None,
+            config,
+        )
+        del block_stats
+        install(model, replacement)
+        run.merge(replacement.report)
+        del replacement
+        run.add_time("factorisation", start)
+    if feed is not None:
+        start = time.perf_counter()
+        if mode == "sequential" and targets:
+            outputs, _ = feed.run(i, blocks[i])  # the compressed block's outputs feed the next block
+        feed.advance(outputs)
+        meter.sample()
+        run.add_time("calibration", start)

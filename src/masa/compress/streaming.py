@@ -6,7 +6,11 @@ read (``masa.io.stream.StreamedModel``). Per-layer methods then walk the blocks 
 one install step, written as a safetensors shard and freed. Methods that fit groups of blocks together
 (masa, Basis Sharing, CoSpaDi, fwsvd's whole-model gradients aside) first make a statistics pass that
 streams the blocks the same way, then hold the targeted blocks to fit them together and write them.
-Peak host memory is reported next to the file size. A streamed per-layer method chooses its ranks block
+Fused projections (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``) are unfused on
+the skeleton (the operation recorded once) and split block by block as their tensors are read. Peak host
+memory is reported next to the file size; glibc's heap is told to return large freed arrays to the system
+(``masa.io.stream.return_large_allocations``) and trimmed after each block, so a block's work space does
+not stay in the process (measured: docs/results/scale/README.md). A streamed per-layer method chooses its ranks block
 by block (the in-memory ``compress`` in the original mode chooses them over all targets at once, so its
 ``whitened-error`` allocation can move rank across blocks; the two agree exactly in the sequential mode).
 """
@@ -19,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from masa.arch import find_blocks, get_adapter
+from masa.arch import find_blocks, get_adapter, unfuse
 from masa.compress.api import CompressResult, _result, _stored_numbers, _tokens
 from masa.compress.blockwise import DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration.collect import BlockAccess, CalibrationStats, PeakMemory, calibrate
@@ -28,7 +32,7 @@ from masa.compress.install import install
 from masa.compress.layout import resolve_layout
 from masa.compress.registry import Method, get_method
 from masa.io.serialization import save, unique_state_dict
-from masa.io.stream import ShardWriter, StreamedModel
+from masa.io.stream import ShardWriter, StreamedModel, return_large_allocations, trim_heap
 
 
 class StreamedBlocks(BlockAccess):
@@ -56,7 +60,9 @@ class StreamedBlocks(BlockAccess):
         if self.writer is not None:
             state = self.streamed.model.get_submodule(prefix).state_dict()
             self.writer.write({f"{prefix}.{key}": value for key, value in state.items()})
+            del state
         self.streamed.release(prefix)
+        trim_heap()
 
 
 def compress_checkpoint(
@@ -77,18 +83,20 @@ def compress_checkpoint(
     Weights are read in ``dtype`` (default: the checkpoint's) onto ``device``; ``mode`` as in
     :func:`masa.compress.compress`. ``result.memory`` holds the peak host (and device) memory growth.
     """
+    if config.compensate:
+        raise ValueError(
+            "--compensate is not applied by a streamed compression yet; compress without --low-memory"
+        )
+    return_large_allocations()  # freed per-block arrays go back to the system (masa.io.stream)
     meter = PeakMemory(torch.device("cpu"))
     device_meter = PeakMemory(torch.device(device)) if torch.device(device).type == "cuda" else None
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     streamed = StreamedModel(directory, device=device, dtype=dtype)
     model = streamed.model
-    if get_adapter(model).fused:
-        raise ValueError(
-            f"{type(model).__name__} fuses its projections, which streaming does not split yet; compress it "
-            "without --low-memory"
-        )
     blocks_path, blocks = find_blocks(model)
+    if get_adapter(model).fused:
+        unfuse(model, blocks_path)  # on meta, recorded; each block's fused tensors are split as it is read
     streamed.load("", exclude=blocks_path)
     method = get_method(config.method)
     layout = resolve_layout(model, config)

@@ -6,7 +6,9 @@ holding it, and then loads one submodule at a time with ``safe_open(...).get_ten
 tensor's bytes are read) and puts it back on ``meta`` when done. Plain Hugging Face keys are renamed by
 transformers' own conversion mapping (GPT-NeoX ``embed_out`` -> ``lm_head``, legacy ``gamma``/``beta``,
 the base-model prefix), so it reads the same tensors ``from_pretrained`` does; checkpoints that need a
-converter (fused or split tensors) are refused with the way out.
+converter (fused or split tensors) are refused with the way out. Fused projections that ``masa.arch.unfuse``
+split on the skeleton (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``, GPT-NeoX ``query_key_value``) are read as
+their fused tensor and split the same way when their block is loaded.
 
 :class:`ShardWriter` writes the tensors of finished blocks as safetensors shards as they come, so a
 streamed compression never holds the compressed model either; ``masa.save(..., weights=writer.finish)``
@@ -15,6 +17,10 @@ moves them into the saved directory with the shard index.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import json
 import os
 import re
@@ -57,6 +63,32 @@ class StreamedModel:
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(self.device)
         self._sources = _key_sources(self.checkpoint, self.model)
+        self._fused = _fused_modules(self.model)
+
+    def _split_fused(self, module: nn.Module, head: str, state: dict, read) -> None:
+        """Fill ``state`` for the :class:`SplitLinear` s under ``module`` (fused projections split by
+        ``masa.arch.unfuse`` on the skeleton) from their fused tensors in the files, split as ``unfuse``
+        splits them in memory."""
+        from masa.arch import linear_weight
+        from masa.nn.fused import SplitLinear
+
+        for name, split in module.named_modules():
+            full = head + name
+            if not isinstance(split, SplitLinear) or full not in self._fused:
+                continue
+            if not any(p.device.type == "meta" for p in split.parameters()):
+                continue
+            fused = self._fused[full]  # the fused module of the skeleton, on meta
+            fused.load_state_dict(
+                {leaf: read(f"{full}.{leaf}") for leaf, _ in fused.named_parameters()}, assign=True
+            )
+            weight, bias = linear_weight(fused)  # (d_out, d_in), (d_out,)
+            parts = {part: split.get_submodule(part).out_features for part in split.parts}
+            pieces = SplitLinear.from_fused(weight, bias, parts, split.groups)
+            for key, value in pieces.state_dict().items():
+                state[f"{name}.{key}" if name else key] = value
+            for leaf, param in list(fused.named_parameters()):  # back on meta: the pieces own copies
+                fused._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     def load(self, prefix: str = "", *, exclude: str | None = None) -> None:
         """Read the parameters of submodule ``prefix`` ('' = the model), skipping those under ``exclude``.
@@ -67,24 +99,31 @@ class StreamedModel:
         head = f"{prefix}." if prefix else ""
         state: dict[str, torch.Tensor] = {}
         handles: dict[Path, object] = {}
+
+        def read(full: str) -> torch.Tensor:
+            file, key = self._sources[full]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            tensor = handles[file].get_tensor(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            return tensor.to(self.device)
+
         for name, param in module.named_parameters(remove_duplicate=False):
             full = head + name
             if param.device.type != "meta" or (exclude is not None and full.startswith(exclude + ".")):
                 continue
             if full not in self._sources:
-                continue  # tied to another parameter (checked when the skeleton was mapped)
-            file, key = self._sources[full]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            tensor = handles[file].get_tensor(key)
+                continue  # tied to another parameter (checked when the skeleton was mapped), or split below
+            tensor = read(full)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"{file}: tensor {key} has shape {tuple(tensor.shape)} but {full} needs {tuple(param.shape)}; "
-                    "the checkpoint does not match its config.json"
+                    f"{self._sources[full][0]}: tensor {self._sources[full][1]} has shape {tuple(tensor.shape)} "
+                    f"but {full} needs {tuple(param.shape)}; the checkpoint does not match its config.json"
                 )
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            state[name] = tensor.to(self.device)
+            state[name] = tensor
+        if self._fused and exclude is None:
+            self._split_fused(module, head, state, read)
         module.load_state_dict(state, strict=False, assign=True)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
@@ -102,6 +141,23 @@ class StreamedModel:
         """Bytes the parameters of submodule ``prefix`` take once loaded in ``dtype``."""
         size = torch.empty((), dtype=self.dtype).element_size()
         return sum(p.numel() * size for p in self.model.get_submodule(prefix).parameters())
+
+
+def _fused_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module of every fused projection of the blocks (before ``unfuse`` replaces them)."""
+    from masa.arch import find_blocks, get_adapter
+
+    try:
+        adapter = get_adapter(model)
+        blocks_path, blocks = find_blocks(model)
+    except ValueError:
+        return {}
+    return {
+        f"{blocks_path}.{i}.{path}": block.get_submodule(path)
+        for i, block in enumerate(blocks)
+        for path in adapter.fused
+        if type(block.get_submodule(path)).__name__ != "SplitLinear"  # a masa directory: split already
+    }
 
 
 def _skeleton(checkpoint: Checkpoint) -> nn.Module:
@@ -219,3 +275,42 @@ class ShardWriter:
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+MMAP_THRESHOLD = 1 << 20  # allocations from 1 MiB up get their own pages, returned to the system when freed
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl and macOS have no mallopt parameters)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def return_large_allocations() -> bool:
+    """Make glibc malloc serve every allocation of ``MMAP_THRESHOLD`` or more with its own pages.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    blocks of that size come from the heap and stay in the process when freed: a streamed compression's
+    per-block arrays (weights in float64, Gram matrices, SVD work space, a few to a few hundred MiB each)
+    then pile up block after block. A fixed threshold turns off that adjustment. Process-wide; a no-op
+    (False) where the C library is not glibc. Measured: docs/results/scale/README.md.
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc ``malloc_trim``; elsewhere only ``gc``)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -46,6 +46,9 @@ class CalibrationStats:
         streamed: whether it ran block by block (models with an architecture adapter).
         fisher: module name -> row-wise Fisher information (d_out,) float64, for methods that need it
             (``calibration.fisher``); None when not computed.
+        consumable: nobody reads these statistics after the method that gets them (one block's, in a
+            block-by-block walk): the method may drop each Gram matrix from ``grams`` once it is done with
+            it, so that a block's (d_in, d_in) matrices are not all held until its last layer is fitted.
     """
 
     grams: dict[str, torch.Tensor]
@@ -58,6 +61,7 @@ class CalibrationStats:
     seconds: float = 0.0
     streamed: bool = field(default=True, compare=False)
     fisher: dict[str, torch.Tensor] | None = field(default=None, compare=False)
+    consumable: bool = field(default=False, compare=False)
 
     def summary(self) -> dict:
         """JSON-able summary for reports and config.json."""
@@ -155,9 +159,8 @@ class Accumulator:
                 self.abs_sums[owner] = rows.new_zeros(
                     rows.shape[1], dtype=torch.float64, device=self.sum_device
                 )
-            self.grams[owner] += (rows.T @ rows).to(
-                self.sum_device, torch.float64
-            )  # fp32 per batch, fp64 sum
+            # fp32 per batch, fp64 sum: add_ widens element by element (no float64 copy of the batch's Gram)
+            self.grams[owner].add_((rows.T @ rows).to(self.sum_device))
             self.abs_sums[owner] += rows.abs().sum(0, dtype=torch.float64).to(self.sum_device)
             self.meter.sample()
 

@@ -70,15 +70,32 @@ class SvdLlmOptions(LowRankOptions):
 # ------------------------------------------------------------------------------------------- budget
 
 
-def per_input(fn: Callable[[torch.Tensor], torch.Tensor], source: dict[str, torch.Tensor]) -> Callable:
-    """``transform(name)`` computing ``fn`` once per distinct statistics tensor (q/k/v share an input)."""
-    cache: dict[int, torch.Tensor] = {}
+def per_input(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    source: dict[str, torch.Tensor],
+    last_only: bool = False,
+    consume: bool = False,
+) -> Callable:
+    """``transform(name)`` computing ``fn`` once per distinct statistics tensor (q/k/v share an input).
+
+    ``last_only`` keeps only the latest result (the same values, recomputed if an input comes back): for a
+    walk over targets in model order, where layers sharing an input are neighbours, it holds one (d_in,
+    d_in) factor at a time instead of all of them. ``consume`` removes a statistics tensor from ``source``
+    once ``fn`` has read it (statistics nobody reads again: ``CalibrationStats.consumable``).
+    """
+    cache: dict[str, torch.Tensor] = {}
 
     def transform(name: str) -> torch.Tensor:
-        stat = source[name]
-        if id(stat) not in cache:
-            cache[id(stat)] = fn(stat)
-        return cache[id(stat)]
+        if name not in cache:
+            stat = source[name]
+            sharing = [key for key, value in source.items() if value is stat]
+            if last_only:
+                cache.clear()
+            cache.update(dict.fromkeys(sharing, fn(stat)))
+            if consume:
+                for key in sharing:
+                    del source[key]
+        return cache[name]
 
     return transform
 
@@ -124,13 +141,16 @@ def truncate(
     transform: Callable[[str], torch.Tensor],
     gram_of: Callable[[str], torch.Tensor] | None = None,
     output_side: bool = False,
+    in_weight_dtype: bool = False,
 ) -> Replacement:
     """Each target as its rank-r truncation minimising ||(W - W_hat) T||_F, T = ``transform(name)``
     (lower triangular, (d_in, d_in)); ``output_side`` minimises ||T (W - W_hat)||_F with T (d_out, d_out)
-    diagonal instead; with ``gram_of`` the ``up`` factor is refitted by least squares."""
+    diagonal instead; with ``gram_of`` the ``up`` factor is refitted by least squares. The factors are
+    float64, or with ``in_weight_dtype`` in the weight's dtype (the one ``install`` rounds them to: the same
+    installed values, half the memory while the replacement is built)."""
     result = Replacement(report={"ranks": ranks})
     for t in targets:
-        weight = t.weight.to(torch.float64)
+        weight = t.weight  # converted to float64 where it is used (one transient copy, not one per layer)
         try:
             if output_side:  # rows weighted: factor W^T with the input-side routine
                 t_up, t_down = whitened_lowrank(weight.T, transform(t.name).to(weight.device), ranks[t.name])
@@ -141,6 +161,8 @@ def truncate(
                     up = refit_up(weight, down, gram_of(t.name).to(weight.device))
         except ValueError as err:
             raise ValueError(f"{t.name}: {err}") from err
+        if in_weight_dtype:
+            up, down = up.to(weight.dtype), down.to(weight.dtype)
         result = result.extend(lowrank_replacement(t.name, up, down, t.bias))
     return result
 
@@ -186,7 +208,9 @@ def svd_llm(layout: Layout, stats: CalibrationStats, config: CompressConfig) -> 
     options = method_options(SvdLlmOptions, config)
     ranks = choose_ranks(layout.targets, stats, config.ratio, options.allocation)
     gram_of = stats.grams.__getitem__ if options.refit else None
-    result = truncate(layout.targets, ranks, per_input(cholesky_factor, stats.grams), gram_of)
+    consume = stats.consumable and not options.refit  # each Gram freed once factorised (streaming)
+    chol = per_input(cholesky_factor, stats.grams, last_only=True, consume=consume)
+    result = truncate(layout.targets, ranks, chol, gram_of, in_weight_dtype=True)
     result.report.update(refit=options.refit, allocation=options.allocation)
     return result
 

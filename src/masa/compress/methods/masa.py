@@ -52,7 +52,7 @@ from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout
 from masa.compress.methods.lowrank import svd_llm
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, squared_singular_values, whitened_error, whitened_lowrank
 from masa.sharing.pca import matrix_pca
 from masa.sharing.surgery import DictionaryPlan, resolve_groups
 
@@ -117,6 +117,22 @@ class Projection:
     bias: torch.Tensor | None  # (d_out,), the layer's own tensor
     gram: torch.Tensor  # (d_in, d_in)
     chol: torch.Tensor  # (d_in, d_in) lower, chol chol^T = gram + lambda I
+    _whitened: torch.Tensor | None = field(default=None, repr=False)
+    _spectrum: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def whitened(self) -> torch.Tensor:
+        """W L (d_out, d_in), computed once: every group the layer is tried in starts from it."""
+        if self._whitened is None:
+            self._whitened = self.weight @ self.chol
+        return self._whitened
+
+    @property
+    def spectrum(self) -> torch.Tensor:
+        """Squared singular values of W L (descending), computed once: the residual without atoms."""
+        if self._spectrum is None:
+            self._spectrum = squared_singular_values(self.whitened)
+        return self._spectrum
 
 
 @dataclass
@@ -180,14 +196,16 @@ def _mean_gram_atoms(projections: list[Projection], n_atoms: int) -> torch.Tenso
 def _refits(p: Projection, atoms: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For S = 0..len(atoms): the block's coefficients (S,) fitted on the first S atoms in its whitened
     space, and the squared singular values of the whitened residual (descending)."""
-    whitened = p.weight @ p.chol  # (d_out, d_in)
+    whitened = p.whitened  # (d_out, d_in)
+    fits = [(whitened.new_zeros(0), p.spectrum)]  # S = 0: the layer itself
+    if len(atoms) == 0:
+        return fits
     basis = (atoms @ p.chol).flatten(1)  # (S_max, d_out*d_in)
     system, target = basis @ basis.T, basis @ whitened.reshape(-1)  # (S_max, S_max), (S_max,)
-    fits = []
-    for s in range(len(atoms) + 1):
+    for s in range(1, len(atoms) + 1):
         coeffs = torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]  # (s,)
         residual = whitened - (coeffs @ basis[:s]).reshape(whitened.shape)
-        fits.append((coeffs, torch.linalg.svdvals(residual).square()))
+        fits.append((coeffs, squared_singular_values(residual)))
     return fits
 
 
@@ -443,9 +461,11 @@ def _plan(
     """Groups, atoms and ranks of every targeted layer."""
     groupings = _groupings(options, block_kl, n_blocks)
     keep = _keep_fractions(by_role, ratio, options.role_weights)
-    chosen = {
-        role: _choose_grouping(role, path, ps, groupings, keep[role]) for (role, path), ps in by_role.items()
-    }
+    chosen = {}
+    for (role, path), ps in by_role.items():
+        chosen[role] = _choose_grouping(role, path, ps, groupings, keep[role])
+        for p in ps:  # W L served every candidate group of the role; the spectra stay
+            p._whitened = None
     energy = {role: _energy(ps) or 1.0 for (role, _), ps in by_role.items()}
     weights = {role: options.role_weights.get(role, 1.0) / e for role, e in energy.items()}
     units = [u for role_units, _ in chosen.values() for u in role_units]
@@ -460,10 +480,7 @@ def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, fl
         ranks = allocate({p.name: rank_knob(*p.weight.shape, p.bias is not None) for p in projections}, ratio)
     except ValueError:
         return None
-    return {
-        p.name: _error([torch.linalg.svdvals(p.weight @ p.chol).square()], [ranks[p.name]])
-        for p in projections
-    }
+    return {p.name: _error([p.spectrum], [ranks[p.name]]) for p in projections}
 
 
 def _unit_report(unit: Unit, errors: dict[str, float]) -> dict:
