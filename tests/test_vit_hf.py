@@ -108,8 +108,25 @@ def test_published_vision_checkpoint_loads_shares_exactly_and_compresses(family,
     assert json.loads((tmp_path / "svd" / "config.json").read_text())["model_type"] == family
 
 
-def test_calibrated_methods_on_a_vision_model_say_what_to_use(images):
-    with pytest.raises(
-        ValueError, match=r"reads pixel_values: calibration on images is not built yet.*\(svd\)"
-    ):
-        compress(_model("vit"), CompressConfig("svd-llm", 0.3, targets=("all-linear",)), calib=images)
+@pytest.mark.parametrize("mode", ["original", "sequential"])
+def test_vision_models_calibrate_on_images(images, mode):
+    """svd-llm on a ViT whose projections are exactly rank 4: calibrated on images, it keeps the logits."""
+    model = _model("vit")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            u, s, vh = torch.linalg.svd(module.weight.detach(), full_matrices=False)
+            module.weight.data = (u[:, :4] * s[:4]) @ vh[:4]
+    reference = _logits(model, images)
+    result = compress(model, CompressConfig("svd-llm", 0.3, targets=("all-linear",)), calib=images, mode=mode)
+    assert result.calibration["rows"] == 4 * 17  # 16 patches and the class token per image
+    torch.testing.assert_close(_logits(model, images), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_vision_calibration_from_an_image_set_is_resized_and_normalised():
+    from masa.compress.api import calibration_images
+
+    model = _model("vit")  # 3 channels, 16 x 16
+    images = calibration_images(model, "digits", 5)  # 1-channel 8 x 8 digits in [0, 1]
+    assert images.shape == (5, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    with pytest.raises(ValueError, match=r"must be a \(N, C, H, W\) float tensor"):
+        calibration_images(model, torch.zeros(2, 16, dtype=torch.long), 5)

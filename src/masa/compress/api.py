@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from masa.accounting import count
@@ -163,7 +164,7 @@ def compress(
         )
     mode = "sequential" if blockwise else "original"
     if blockwise:
-        tokens = _tokens(model, calib, tokenizer, config) if method.needs else None
+        tokens = _inputs(model, calib, tokenizer, config) if method.needs else None
         run = fit_blockwise(
             model, layout, config, method, tokens=tokens, stats=None, mode=mode, progress=progress
         )
@@ -200,16 +201,38 @@ def check_calib_len(model: nn.Module, seq_len: int) -> None:
         )
 
 
-def _tokens(model: nn.Module, calib, tokenizer, config: CompressConfig) -> torch.Tensor:
-    """The calibration batch (N, T), its length checked against the model's positions before tokenizing."""
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
-        raise ValueError(
-            f"method {config.method!r} calibrates on token ids, and {type(model).__name__} reads "
-            f"{model.main_input_name}: calibration on images is not built yet; compress this model with a "
-            "method that needs no calibration (svd), or convert it with masa.share"
-        )
+def calibration_images(model: nn.Module, calib, n_samples: int) -> torch.Tensor:
+    """Calibration images (N, C, H, W) for a vision model: a float tensor as it is (preprocessed as the
+    model expects), or an image set (``digits``, an image or CIFAR binary folder) scaled to [0, 1],
+    resized to the model's image size, given its channel count and normalised with mean 0.5 and std
+    0.5 (the ViT image processor's defaults)."""
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 4 or not calib.is_floating_point():
+            raise ValueError(
+                f"calibration images must be a (N, C, H, W) float tensor, got {tuple(calib.shape)}"
+            )
+        return calib[:n_samples]
+    from masa.data.images import load_images
+
+    images = load_images(str(calib)).images[:n_samples]  # (N, C, H, W) in [0, 1]
+    size, channels = model.config.image_size, model.config.num_channels
+    if images.shape[1] != channels:
+        if images.shape[1] != 1:
+            raise ValueError(f"{calib} has {images.shape[1]} channels and the model takes {channels}")
+        images = images.expand(-1, channels, -1, -1)  # grey to every channel
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return (images - 0.5) / 0.5
+
+
+def _inputs(model: nn.Module, calib, tokenizer, config: CompressConfig) -> torch.Tensor:
+    """The calibration batch: token ids (N, T), their length checked against the model's positions
+    before tokenizing; or images (N, C, H, W) for a vision model."""
     if calib is None:
-        raise ValueError(f"method {config.method!r} needs calibration data: pass calib= (text or token ids)")
+        raise ValueError(
+            f"method {config.method!r} needs calibration data: pass calib= (text, token ids or images)"
+        )
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        return calibration_images(model, calib, config.calib_samples)
     given = isinstance(calib, torch.Tensor) and calib.ndim == 2
     check_calib_len(model, calib.shape[1] if given else config.calib_len)
     return calibration_tokens(calib, tokenizer, config.calib_samples, config.calib_len)
@@ -273,7 +296,7 @@ def _statistics(
     from the calibration tokens when asked); records the time of each phase in ``seconds``."""
     names, reused, tokens = layout.names, stats is not None, None
     if stats is None:
-        tokens = _tokens(model, calib, tokenizer, config)
+        tokens = _inputs(model, calib, tokenizer, config)
         start = time.perf_counter()
         stats, reused = cached_calibrate(model, tokens, names, cache_dir, source, progress=progress)
         seconds["calibration"] = time.perf_counter() - start

@@ -62,6 +62,7 @@ class BlockwiseRun:
     report: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: CalibrationStats | None = None
+    rows: int = 0  # calibration rows each target saw (tokens; patch and class tokens for images)
 
     def add_time(self, phase: str, start: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
@@ -134,7 +135,14 @@ def fit_blockwise(
         access.done(i)  # the block's statistics and factors died with _fit_block's frame
     if feed is not None:  # a summary: each block's statistics were dropped once it was fitted
         run.calibration = CalibrationStats(
-            {}, {}, tokens.numel(), None, *tokens.shape, meter.bytes(), run.seconds["calibration"]
+            {},
+            {},
+            run.rows,
+            None,
+            len(tokens),
+            run.rows // len(tokens),
+            meter.bytes(),
+            run.seconds["calibration"],
         )
     return run
 
@@ -161,11 +169,12 @@ def _fit_block(
         accumulator = Accumulator(meter)
         with accumulator.hooks({t.name: model.get_submodule(t.name) for t in targets}):
             outputs, _ = feed.run(i, blocks[i], accumulator)
-        block_grams, block_means = accumulator.shared(tokens.numel())
+        block_grams, block_means, n_rows = accumulator.shared()
         del accumulator
         block_stats = CalibrationStats(
-            block_grams, block_means, tokens.numel(), None, *tokens.shape, consumable=True
+            block_grams, block_means, n_rows, None, len(tokens), n_rows // len(tokens), consumable=True
         )  # this block's own: the method may free each Gram as it goes
+        run.rows = n_rows
         del block_grams, block_means
         run.add_time("calibration", start)
     if targets:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from masa.arch import find_blocks, get_adapter, unfuse
-from masa.compress.api import CompressResult, _result, _stored_numbers, _tokens
+from masa.compress.api import CompressResult, _inputs, _result, _stored_numbers
 from masa.compress.blockwise import DEFAULT_MODE, check_mode, fit_blockwise, is_blockwise
 from masa.compress.calibration.collect import BlockAccess, CalibrationStats, PeakMemory, calibrate
 from masa.compress.config import CompressConfig
@@ -114,7 +114,7 @@ def compress_checkpoint(
             "pass --calib-mode original"
         )
     seconds["load"] = time.perf_counter() - start
-    tokens = _tokens(model, calib, tokenizer, config) if method.needs else None
+    tokens = _inputs(model, calib, tokenizer, config) if method.needs else None
     writer = ShardWriter(out)
     try:
         access = StreamedBlocks(streamed, blocks_path, writer, meter)

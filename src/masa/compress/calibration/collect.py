@@ -37,7 +37,7 @@ class CalibrationStats:
             (q/k/v of a block; gate/up) share one tensor object.
         abs_mean: module name -> mean |x| per input channel (d_in,) float64 (ASVD's scales); shared
             like ``grams``.
-        n_rows: calibration rows (tokens) accumulated.
+        n_rows: calibration rows accumulated (tokens; for images, patch tokens and class tokens).
         block_kl: causal LMs: KL(p_l || p_{l+1}) between the logit-lens next-token distributions of
             consecutive blocks, averaged over tokens (length L - 1); None for encoders.
         n_samples, seq_len: the calibration batch shape (N, T).
@@ -128,6 +128,7 @@ class Accumulator:
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.meter = meter
         self.sum_device = sum_device(meter.device)
+        self.rows: dict[str, int] = {}  # owner -> rows summed into its Gram
         self._owner: dict[str, str] = {}  # module name -> name of the module whose sums it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one forward
 
@@ -159,6 +160,7 @@ class Accumulator:
                 self.abs_sums[owner] = rows.new_zeros(
                     rows.shape[1], dtype=torch.float64, device=self.sum_device
                 )
+            self.rows[owner] = self.rows.get(owner, 0) + rows.shape[0]
             # fp32 per batch, fp64 sum: add_ widens element by element (no float64 copy of the batch's Gram)
             self.grams[owner].add_((rows.T @ rows).to(self.sum_device))
             self.abs_sums[owner] += rows.abs().sum(0, dtype=torch.float64).to(self.sum_device)
@@ -166,11 +168,12 @@ class Accumulator:
 
         return hook
 
-    def shared(self, n_rows: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per module name: its Gram and mean |x| (one tensor object per distinct input)."""
-        means = {owner: total / n_rows for owner, total in self.abs_sums.items()}
+    def shared(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """Per module name: its Gram and mean |x| (one tensor object per distinct input); the rows seen."""
+        means = {owner: total / self.rows[owner] for owner, total in self.abs_sums.items()}
         grams = {name: self.grams[owner] for name, owner in self._owner.items()}
-        return grams, {name: means[owner] for name, owner in self._owner.items()}
+        n_rows = max(self.rows.values(), default=0)
+        return grams, {name: means[owner] for name, owner in self._owner.items()}, n_rows
 
 
 # ------------------------------------------------------------------------------------- streaming
@@ -308,15 +311,18 @@ def calibrate(
     progress: Callable[[Iterator], Iterator] | None = None,
     access: BlockAccess | None = None,
 ) -> CalibrationStats:
-    """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens`` (N, T).
+    """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens``: token ids
+    (N, T), or images (N, C, H, W) for a vision model (its rows are the patch and class tokens).
 
     Streams block by block for models with an architecture adapter; other models run whole forward
     passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``); ``access`` loads
     and frees each block's weights around its turn (a streamed model).
     """
-    if tokens.ndim != 2 or tokens.numel() == 0 or tokens.is_floating_point():
+    images = tokens.ndim == 4 and tokens.is_floating_point()
+    if tokens.numel() == 0 or not (images or (tokens.ndim == 2 and not tokens.is_floating_point())):
         raise ValueError(
-            f"calibration tokens must be a non-empty (N, T) integer tensor, got {tuple(tokens.shape)}"
+            "calibration inputs must be non-empty (N, T) integer token ids or (N, C, H, W) float images, got "
+            f"{tuple(tokens.shape)} {tokens.dtype}"
         )
     if not module_names:
         raise ValueError("no modules to calibrate: give at least one target module name")
@@ -340,11 +346,11 @@ def calibrate(
             block_kl = None
     finally:
         model.train(was_training)
-    grams, abs_mean = accumulator.shared(tokens.numel())
+    grams, abs_mean, n_rows = accumulator.shared()
     if missing := [n for n in module_names if n not in grams]:
         raise ValueError(f"modules {missing[:5]} never ran during calibration; they cannot be calibrated")
     return CalibrationStats(
-        grams, abs_mean, tokens.numel(), block_kl, tokens.shape[0], tokens.shape[1], meter.bytes(),
+        grams, abs_mean, n_rows, block_kl, tokens.shape[0], n_rows // tokens.shape[0], meter.bytes(),
         time.perf_counter() - start, streamed,
     )  # fmt: skip
 
