@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import resource
 import shlex
 import time
@@ -190,14 +191,21 @@ def write_report(results: dict, out: Path) -> None:
         markdown_table(["method", "ratio", *variants], rows),
         "## EoRA: the split chosen (share of the stored budget spent on corrections; the method's own ratio)",
         "",
-        "Criterion: the weighted whitened error the split is chosen by (`masa.compress.compensate.error_weights`: "
-        "the method's own objective where it states one, else each layer's relative error), summed over "
-        "layers, for the plain method and for the chosen split.",
+        "The split is chosen by the calibration loss (shown as calibration perplexity) of each share tried; "
+        "share 0 is the plain method (its rounding left-over spent on corrections).",
         "",
         markdown_table(
-            ["method", "ratio", "EoRA share", "method ratio", "criterion plain", "criterion chosen"],
+            [
+                "method",
+                "ratio",
+                "EoRA share",
+                "method ratio",
+                "calib ppl share 0",
+                "calib ppl chosen",
+                "calib ppl per share",
+            ],
             eora_rows,
-        ),
+        ),  # fmt: skip
         "## Healing cost (KL: mean of the first / last 10 steps; peak RSS of the whole process so far)",
         "",
         markdown_table(
@@ -213,16 +221,16 @@ def write_report(results: dict, out: Path) -> None:
 
 def _eora_row(run: dict) -> list[str]:
     eora = run["eora"]
-    plain = next((c for c in eora["tried"] if c["share"] == 0 and "criterion" in c), None)
-    chosen = next((c for c in eora["tried"] if c["share"] == eora["share"] and "criterion" in c), None)
-    cells = [f"{c['criterion']:.4g}" if c else "-" for c in (plain, chosen)]
-    return [
-        run["method"],
-        f"{run['ratio']:.0%}",
-        f"{eora['share']:.2f}",
-        f"{eora['inner_ratio']:.3f}",
-        *cells,
-    ]
+    tried = [c for c in eora["tried"] if "criterion" in c]
+    plain = next((c for c in tried if c["share"] == 0), None)
+    chosen = next((c for c in tried if c["share"] == eora["share"]), None)
+
+    def loss(c):
+        return f"{math.exp(c['calibration_loss']):.3f}" if c and "calibration_loss" in c else "-"
+
+    shares = " / ".join(f"{c['share']:g}: {loss(c)}" for c in tried)
+    return [run["method"], f"{run['ratio']:.0%}", f"{eora['share']:.2f}", f"{eora['inner_ratio']:.3f}",
+            loss(plain), loss(chosen), shares]  # fmt: skip
 
 
 def _user_level(runs: dict, dense: float, config: dict) -> list[str]:
@@ -243,6 +251,10 @@ def _user_level(runs: dict, dense: float, config: dict) -> list[str]:
             if k[0] == "masa" and k[1] == ratio and k[2].startswith("healed")
         ]
         parts = [f"masa best training-free / svd-llm plain = {min(free) / base:.2f}"] if free else []
+        pair = [runs.get((m, ratio, config["compensate"])) for m in ("masa", "svd-llm")]
+        if config["compensate"] and all(pair):  # like with like
+            masa_eora, svd_eora = (r["ppl"] - dense for r in pair)
+            parts.append(f"masa + EoRA / svd-llm + EoRA = {masa_eora / svd_eora:.2f}")
         parts += [f"masa best healed / svd-llm plain = {min(healed) / base:.2f}"] if healed else []
         text = f"- {ratio:.0%}: " + ("; ".join(parts) or "no masa run")
         lines.append(text)
