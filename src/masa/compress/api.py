@@ -180,9 +180,8 @@ def compress(
         if config.compensate:  # EoRA after the method, its numbers in the same budget
             from masa.compress.compensate import calibration_loss, compensated
 
-            causal = (
-                calib is not None and layout.causal
-            )  # the split by calibration loss where it can be measured
+            # the split chosen by calibration loss where it can be measured
+            causal = calib is not None and layout.causal
             loss = calibration_loss(model, _tokens(model, calib, tokenizer, config)) if causal else None
             replacement = compensated(method, layout, stats, config, loss)
         else:
