@@ -301,6 +301,12 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
         "--ratios", default="0.2,0.4,0.6", metavar="R[,R...]", help="ratios (default 0.2,0.4,0.6)"
     )
     parser.add_argument(
+        "--compensate",
+        default="eora",
+        metavar="eora[:RANK|:FRACTION]",
+        help="the EoRA variant (default eora: split searched; eora:0.2 fixes it, one method run instead of six)",
+    )
+    parser.add_argument(
         "--heal-steps", default="100,500", metavar="N[,N...]", help="healing runs (default 100,500)"
     )
     parser.add_argument("--heal-lr", type=float, default=3e-4, help="healing learning rate (default 3e-4)")
@@ -313,6 +319,7 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from masa.compress.config import parse_compensation
     from masa.compress.registry import METHOD_NAMES
 
     steps = [int(s) for s in args.heal_steps.split(",") if s]
@@ -322,7 +329,9 @@ def run(args: argparse.Namespace) -> int:
     ratios = [float(r) for r in args.ratios.split(",") if r]
     if bad := [r for r in ratios if not 0 < r < 1]:
         raise ValueError(f"--ratios: {bad} not in (0, 1); give ratios such as 0.2,0.4")
-    config = RecoveryBenchConfig(methods=methods, ratios=ratios, heal_steps=steps, heal_lr=args.heal_lr)
+    parse_compensation(args.compensate)  # raises naming the fix
+    config = RecoveryBenchConfig(methods=methods, ratios=ratios, compensate=args.compensate, heal_steps=steps,
+                                 heal_lr=args.heal_lr)  # fmt: skip
     if args.only == "training-free":
         config.heal_methods = []
     elif args.only == "healing":
@@ -341,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         "--ratios",
         args.ratios,
     ]
+    words += ["--compensate", args.compensate] if args.compensate != "eora" else []
     words += ["--heal-steps", args.heal_steps]
     words += ["--heal-lr", str(args.heal_lr)] + (["--only", args.only] if args.only else [])
     command = shlex.join([*words, "--out", args.out])
