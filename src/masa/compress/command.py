@@ -66,7 +66,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compensate",
         metavar="eora[:RANK|:FRACTION]",
-        help="add a low-rank EoRA correction per layer within the same ratio (split searched unless given)",
+        help="add a low-rank EoRA correction per layer within the same ratio (the split searched by calibration "
+        "loss unless given; masa usually keeps share 0)",
     )
     parser.add_argument(
         "--heal-steps",
