@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--compensate",
         metavar="eora[:RANK|:FRACTION]",
         help="add a low-rank EoRA correction per layer within the same ratio (the split searched by calibration "
-        "loss unless given; masa usually keeps share 0)",
+        "loss unless given; share 0, no correction, is one of the splits tried)",
     )
     parser.add_argument(
         "--heal-steps",
