@@ -191,8 +191,9 @@ def write_report(results: dict, out: Path) -> None:
         markdown_table(["method", "ratio", *variants], rows),
         "## EoRA: the split chosen (share of the stored budget spent on corrections; the method's own ratio)",
         "",
-        "The split is chosen by the calibration loss (shown as calibration perplexity) of each share tried; "
-        "share 0 is the plain method (its rounding left-over spent on corrections).",
+        "With `eora` the split is chosen by the calibration loss (shown as calibration perplexity) of each share "
+        "tried; share 0 is the plain method (its rounding left-over spent on corrections). `eora:FRACTION` "
+        "fixes the split (nothing searched, no calibration loss measured).",
         "",
         markdown_table(
             [
