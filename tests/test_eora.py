@@ -11,7 +11,7 @@ from tiny_models import build, outlier_norms, total_whitened_error
 
 import masa
 from masa.compress import CompressConfig, calibrate, compress
-from masa.compress.compensate import corrections, uniform_ranks
+from masa.compress.compensate import SPLITS, corrections, error_weights, uniform_ranks
 from masa.compress.layout import resolve_layout
 from masa.compress.methods.lowrank import per_input, truncate
 from masa.compress.whitening import cholesky_factor, whitened_error
@@ -91,18 +91,68 @@ def test_compress_with_eora_keeps_the_ratio_and_lowers_the_error(setup, method, 
     for compensate in (None, spec):
         model = copy.deepcopy(base)
         config = CompressConfig(method, 0.4, targets="all-linear", options=options, compensate=compensate)
-        results[compensate] = compress(model, config, tokens, stats=stats)
+        # statistics alone: the split by the criterion (on these random weights the calibration loss may
+        # keep share 0; test_searched_split_is_never_worse_than_plain covers that path)
+        results[compensate] = compress(model, config, None, stats=stats)
         errors[compensate] = total_whitened_error(model, base, layout.names, stats)
+        weights = error_weights(layout, results[None].report)  # the criterion the split is chosen by
+        errors[compensate, "criterion"] = _weighted_error(model, base, stats, weights)
     assert abs(results[spec].ratio_reached - 0.4) <= 0.01
     assert masa.count(model).ratio() == pytest.approx(results[spec].ratio_reached)
     report = results[spec].report["compensation"]
-    assert errors[spec] < errors[None] and report["share"] > 0 and report["ranks"]
+    assert errors[spec, "criterion"] < errors[None, "criterion"] and report["share"] > 0 and report["ranks"]
     assert any(isinstance(m, CompensatedLinear) for m in model.modules())
     chosen = next(c for c in report["tried"] if c["share"] == report["share"])
     assert chosen["whitened_error"] == pytest.approx(errors[spec], rel=1e-3)
+    assert chosen["criterion"] == pytest.approx(errors[spec, "criterion"], rel=1e-3)
     masa.save(model, tmp_path / "m", info=results[spec].info)
     loaded = masa.load(tmp_path / "m")
     torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+
+def _weighted_error(model, base, stats, weights) -> float:
+    return sum(w * total_whitened_error(model, base, [n], stats) for n, w in weights.items())
+
+
+def _calibration_loss(model, tokens) -> float:
+    logits = model(tokens).logits[:, :-1]
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()))
+
+
+@pytest.mark.parametrize("method", ["masa", "svd-llm", "svd"])
+def test_searched_split_is_never_worse_than_plain(setup, method):
+    """Share 0 (the plain method) is always tried; with calibration tokens the split is chosen by the
+    calibration loss, without them by the method's own criterion; either way never worse than plain."""
+    base, tokens, layout, stats = setup
+    models, results = {}, {}
+    for compensate, calib in ((None, tokens), ("eora", tokens), ("eora-stats-only", None)):
+        models[compensate] = copy.deepcopy(base)
+        config = CompressConfig(method, 0.4, targets="all-linear", compensate=compensate and "eora")
+        results[compensate] = compress(models[compensate], config, calib, stats=stats)
+        assert abs(results[compensate].ratio_reached - 0.4) <= 0.01
+    # by calibration loss: the chosen split's loss is the least tried and the model's own, at most plain's
+    report = results["eora"].report["compensation"]
+    assert report["chosen_by"] == "calibration_loss"
+    assert [c["share"] for c in report["tried"]] == list(dict.fromkeys((0.0, *SPLITS)))
+    chosen = next(c for c in report["tried"] if c["share"] == report["share"])
+    assert chosen["calibration_loss"] == min(c["calibration_loss"] for c in report["tried"])
+    with torch.no_grad():
+        searched, plain = (_calibration_loss(models[c], tokens) for c in ("eora", None))
+    assert chosen["calibration_loss"] == pytest.approx(searched, rel=1e-5)
+    assert searched <= plain + 1e-6
+    # by the criterion (statistics alone): masa's own objective, else the summed whitened error
+    report = results["eora-stats-only"].report["compensation"]
+    assert report["chosen_by"] == "criterion" and all("calibration_loss" not in c for c in report["tried"])
+    weights = error_weights(layout, results[None].report)
+    if method == "masa":  # masa's own objective: its role weight / role energy, stated in its report
+        assert weights == results[None].report["error_weights"]
+    else:
+        assert set(weights.values()) == {1.0}
+    plain, searched = (_weighted_error(models[c], base, stats, weights) for c in (None, "eora-stats-only"))
+    assert searched <= plain * (1 + 1e-9)
+    chosen = next(c for c in report["tried"] if c["share"] == report["share"])
+    assert chosen["criterion"] == min(c["criterion"] for c in report["tried"] if "criterion" in c)
+    assert chosen["criterion"] == pytest.approx(searched, rel=1e-3)
 
 
 def test_fixed_rank_and_fraction(setup):

@@ -76,3 +76,67 @@ def test_cli_heal(saved_llama, capsys):
     assert masa.count(healed) == masa.count(small)
     assert cli.main([*heal_args[:1], str(root / "base"), *heal_args[2:], "--out", str(root / "x")]) == 2
     assert "nothing to heal" in capsys.readouterr().err
+
+
+def _compress_args(root, *extra):
+    common = ["--calib", str(root / "calib.txt"), "--calib-samples", "4", "--calib-len", "32", "--no-cache"]
+    return ["compress", str(root / "base"), "--method", "svd-llm", "--ratio", "0.4", *common, *extra]
+
+
+def test_cli_compress_with_heal_steps(saved_llama, capsys):
+    """``masa compress --heal-steps``: heals before saving; the ratio is the plain compression's; it loads."""
+    import json
+
+    root = saved_llama
+    heal = ["--heal-steps", "6", "--heal-data", str(root / "calib.txt"), "--heal-batch", "2",
+            "--heal-seq-len", "32", "--heal-lr", "1e-2"]  # fmt: skip
+    assert (
+        cli.main(_compress_args(root, *heal, "--json", str(root / "r.json"), "--out", str(root / "healed")))
+        == 0
+    )
+    assert "healed 6 steps" in capsys.readouterr().out
+    assert cli.main(_compress_args(root, "--out", str(root / "plain"))) == 0
+    healed, plain = masa.load(root / "healed"), masa.load(root / "plain")
+    assert masa.count(healed) == masa.count(plain)
+    assert masa.count(healed).attention_ratio == pytest.approx(
+        json.loads((root / "r.json").read_text())["ratio_reached"]
+    )
+    record = json.loads((root / "healed" / "config.json").read_text())["masa"]["healing"]
+    assert record["steps"] == 6 and record["lr"] == 1e-2 and record["data"] == str(root / "calib.txt")
+    changed = [n for n, p in healed.named_parameters() if not torch.equal(p, plain.get_parameter(n))]
+    assert changed and all(n.endswith((".up", ".down")) for n in changed)  # factors trained, nothing else
+    tokens = torch.randint(0, 20, (2, 16))
+    assert torch.isfinite(healed(tokens).logits).all()
+
+
+def test_cli_compress_heal_bad_input_names_the_fix(saved_llama, capsys):
+    root = saved_llama
+    (root / "short.txt").write_text("the quick brown fox")
+    cases = [
+        (["--heal-steps", "5"], "needs training text: pass --heal-data"),
+        (["--heal-steps", "5", "--heal-data", str(root / "short.txt"), "--heal-seq-len", "32"],
+         "fewer than one batch of 8 x 32: give a longer text or lower --heal-batch / --heal-seq-len"),
+        (["--heal-data", str(root / "calib.txt")], "--heal-steps is not: add --heal-steps N"),
+        (["--heal-steps", "5", "--heal-data", str(root / "calib.txt"), "--low-memory"], "drop one of them"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert cli.main(_compress_args(root, *extra, "--out", str(root / "x"))) == 2
+        assert message in capsys.readouterr().err
+        assert not (root / "x" / "config.json").exists()  # refused before any work
+    for steps in ("-3", "0"):
+        with pytest.raises(SystemExit):
+            cli.main(
+                _compress_args(
+                    root,
+                    "--heal-steps",
+                    steps,
+                    "--heal-data",
+                    str(root / "calib.txt"),
+                    "--out",
+                    str(root / "x"),
+                )
+            )
+        assert (
+            "--heal-steps: " + steps + " is not a positive integer (give 1 or more)"
+            in capsys.readouterr().err
+        )

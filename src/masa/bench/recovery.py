@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import resource
 import shlex
 import time
@@ -173,11 +174,7 @@ def write_report(results: dict, out: Path) -> None:
             if not any(cells):
                 continue
             rows.append([method, f"{ratio:.0%}", *(f"+{c['ppl'] - dense:.2f}" if c else "-" for c in cells)])
-    eora_rows = [
-        [r["method"], f"{r['ratio']:.0%}", f"{r['eora']['share']:.2f}", f"{r['eora']['inner_ratio']:.3f}"]
-        for r in results["runs"]
-        if "eora" in r
-    ]
+    eora_rows = [_eora_row(r) for r in results["runs"] if "eora" in r]
     heal_rows = [
         [r["method"], f"{r['ratio']:.0%}", r["variant"].split()[1], f"{r['heal']['kl_first10']:.4f}",
          f"{r['heal']['kl_last10']:.4f}", f"{r['heal']['seconds_per_step']:.2f}", f"{r['heal']['peak_rss_mb']:.0f}"]
@@ -194,7 +191,22 @@ def write_report(results: dict, out: Path) -> None:
         markdown_table(["method", "ratio", *variants], rows),
         "## EoRA: the split chosen (share of the stored budget spent on corrections; the method's own ratio)",
         "",
-        markdown_table(["method", "ratio", "EoRA share", "method ratio"], eora_rows),
+        "With `eora` the split is chosen by the calibration loss (shown as calibration perplexity) of each share "
+        "tried; share 0 is the plain method (its rounding left-over spent on corrections). `eora:FRACTION` "
+        "fixes the split (nothing searched, no calibration loss measured).",
+        "",
+        markdown_table(
+            [
+                "method",
+                "ratio",
+                "EoRA share",
+                "method ratio",
+                "calib ppl share 0",
+                "calib ppl chosen",
+                "calib ppl per share",
+            ],
+            eora_rows,
+        ),  # fmt: skip
         "## Healing cost (KL: mean of the first / last 10 steps; peak RSS of the whole process so far)",
         "",
         markdown_table(
@@ -206,6 +218,20 @@ def write_report(results: dict, out: Path) -> None:
     ]
     (out / RESULTS_MD).write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(results, variants, out / PLOT)
+
+
+def _eora_row(run: dict) -> list[str]:
+    eora = run["eora"]
+    tried = [c for c in eora["tried"] if "criterion" in c]
+    plain = next((c for c in tried if c["share"] == 0), None)
+    chosen = next((c for c in tried if c["share"] == eora["share"]), None)
+
+    def loss(c):
+        return f"{math.exp(c['calibration_loss']):.3f}" if c and "calibration_loss" in c else "-"
+
+    shares = " / ".join(f"{c['share']:g}: {loss(c)}" for c in tried)
+    return [run["method"], f"{run['ratio']:.0%}", f"{eora['share']:.2f}", f"{eora['inner_ratio']:.3f}",
+            loss(plain), loss(chosen), shares]  # fmt: skip
 
 
 def _user_level(runs: dict, dense: float, config: dict) -> list[str]:
@@ -226,6 +252,10 @@ def _user_level(runs: dict, dense: float, config: dict) -> list[str]:
             if k[0] == "masa" and k[1] == ratio and k[2].startswith("healed")
         ]
         parts = [f"masa best training-free / svd-llm plain = {min(free) / base:.2f}"] if free else []
+        pair = [runs.get((m, ratio, config["compensate"])) for m in ("masa", "svd-llm")]
+        if config["compensate"] and all(pair):  # like with like
+            masa_eora, svd_eora = (r["ppl"] - dense for r in pair)
+            parts.append(f"masa + EoRA / svd-llm + EoRA = {masa_eora / svd_eora:.2f}")
         parts += [f"masa best healed / svd-llm plain = {min(healed) / base:.2f}"] if healed else []
         text = f"- {ratio:.0%}: " + ("; ".join(parts) or "no masa run")
         lines.append(text)
@@ -263,6 +293,21 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="Llama-layout model directory")
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder")
     parser.add_argument(
+        "--methods",
+        default="svd-llm,basis-sharing,masa",
+        metavar="M[,M...]",
+        help="methods run plain and with EoRA (default svd-llm,basis-sharing,masa)",
+    )
+    parser.add_argument(
+        "--ratios", default="0.2,0.4,0.6", metavar="R[,R...]", help="ratios (default 0.2,0.4,0.6)"
+    )
+    parser.add_argument(
+        "--compensate",
+        default="eora",
+        metavar="eora[:RANK|:FRACTION]",
+        help="the EoRA variant (default eora: split searched; eora:0.2 fixes it, one method run instead of six)",
+    )
+    parser.add_argument(
         "--heal-steps", default="100,500", metavar="N[,N...]", help="healing runs (default 100,500)"
     )
     parser.add_argument("--heal-lr", type=float, default=3e-4, help="healing learning rate (default 3e-4)")
@@ -275,8 +320,19 @@ def add_parser(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from masa.compress.config import parse_compensation
+    from masa.compress.registry import METHOD_NAMES
+
     steps = [int(s) for s in args.heal_steps.split(",") if s]
-    config = RecoveryBenchConfig(heal_steps=steps, heal_lr=args.heal_lr)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHOD_NAMES]:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    if bad := [r for r in ratios if not 0 < r < 1]:
+        raise ValueError(f"--ratios: {bad} not in (0, 1); give ratios such as 0.2,0.4")
+    parse_compensation(args.compensate)  # raises naming the fix
+    config = RecoveryBenchConfig(methods=methods, ratios=ratios, compensate=args.compensate, heal_steps=steps,
+                                 heal_lr=args.heal_lr)  # fmt: skip
     if args.only == "training-free":
         config.heal_methods = []
     elif args.only == "healing":
@@ -284,7 +340,19 @@ def run(args: argparse.Namespace) -> int:
         config.compensate = None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    words = ["masa", "bench", "recovery", "--model", args.model, "--heal-steps", args.heal_steps]
+    words = [
+        "masa",
+        "bench",
+        "recovery",
+        "--model",
+        args.model,
+        "--methods",
+        args.methods,
+        "--ratios",
+        args.ratios,
+    ]
+    words += ["--compensate", args.compensate] if args.compensate != "eora" else []
+    words += ["--heal-steps", args.heal_steps]
     words += ["--heal-lr", str(args.heal_lr)] + (["--only", args.only] if args.only else [])
     command = shlex.join([*words, "--out", args.out])
     run_bench(Path(args.model), config, out, command, log=lambda line: print(line, flush=True))

@@ -179,9 +179,12 @@ def compress(
     start = time.perf_counter()
     with torch.no_grad():
         if config.compensate:  # EoRA after the method, its numbers in the same budget
-            from masa.compress.compensate import compensated
+            from masa.compress.compensate import calibration_loss, compensated
 
-            replacement = compensated(method, layout, stats, config)
+            # the split chosen by calibration loss where it can be measured
+            causal = calib is not None and layout.causal
+            loss = calibration_loss(model, _tokens(model, calib, tokenizer, config)) if causal else None
+            replacement = compensated(method, layout, stats, config, loss)
         else:
             replacement = method.fn(layout, stats if method.needs else None, config)
     seconds["factorisation"] = time.perf_counter() - start

@@ -29,6 +29,7 @@ def _option(text: str) -> tuple[str, object]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``masa compress`` on the top-level CLI's subparsers."""
+    from masa.cli_args import positive_int
     from masa.compress.registry import METHOD_NAMES
 
     parser = subparsers.add_parser(
@@ -65,7 +66,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compensate",
         metavar="eora[:RANK|:FRACTION]",
-        help="add a low-rank EoRA correction per layer within the same ratio (split searched unless given)",
+        help="add a low-rank EoRA correction per layer within the same ratio (the split searched by calibration "
+        "loss unless given; share 0, no correction, is one of the splits tried)",
+    )
+    parser.add_argument(
+        "--heal-steps",
+        type=positive_int,
+        metavar="N",
+        help="after compressing, heal for N steps before saving (as masa heal does, against the input "
+        "model's logits on --heal-data; the ratio does not change)",
+    )
+    parser.add_argument(
+        "--heal-data", metavar="FILE|NAME", help="healing text (not your evaluation text); needs --heal-steps"
+    )
+    parser.add_argument(
+        "--heal-lr", type=float, default=1e-4, help="healing peak learning rate (default 1e-4)"
+    )
+    parser.add_argument(
+        "--heal-batch", type=positive_int, default=8, metavar="B", help="healing windows per step (default 8)"
+    )
+    parser.add_argument(
+        "--heal-seq-len",
+        type=positive_int,
+        default=128,
+        metavar="T",
+        help="healing tokens per window (default 128)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -116,6 +141,7 @@ def run(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _check_paths(Path(args.model), out, args.json)
+    _check_heal(args)
     with directory_lock(out):  # a second compress to the same --out is refused, naming this one
         _check_out(out, args.overwrite)
         report, result = _compress(args, out)
@@ -124,6 +150,10 @@ def run(args: argparse.Namespace) -> None:
         print()
         return
     print(result)
+    if healed := result.report.get("healing"):
+        print(
+            f"  healed {healed['steps']} steps on {healed['data']}: KL {healed['kl_first']:.4f} -> {healed['kl_last']:.4f}"
+        )
     reused = (
         " (calibration statistics reused from the cache)" if (result.calibration or {}).get("reused") else ""
     )
@@ -147,6 +177,26 @@ def _check_paths(model: Path, out: Path, json_path: str | None) -> None:
             raise PermissionError(f"{flag} {path}: {parent} is not writable; choose another path")
         if flag == "--json" and path.is_dir():
             raise IsADirectoryError(f"--json {path} is a directory; give a file path")
+
+
+def _check_heal(args: argparse.Namespace) -> None:
+    """Before any work: --heal-steps needs --heal-data and the model in memory; the other --heal-* need it."""
+    if args.heal_steps is None:
+        if args.heal_data is not None:
+            raise ValueError(
+                "--heal-data is given but --heal-steps is not: add --heal-steps N to heal, or drop --heal-data"
+            )
+        return
+    if not args.heal_data:
+        raise ValueError(
+            f"--heal-steps {args.heal_steps} needs training text: pass --heal-data FILE or an eval-set name "
+            "(text that is not your evaluation text)"
+        )
+    if args.low_memory:
+        raise ValueError(
+            "--heal-steps trains the whole model in memory, which --low-memory avoids: drop one of them "
+            "(or compress with --low-memory, then run masa heal)"
+        )
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -188,6 +238,16 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
             overwrite=args.overwrite, progress=progress,
         )  # fmt: skip
     else:
+        heal_config, heal_ids = None, None
+        if args.heal_steps:  # the text is checked before the work: shorter than one batch is an error
+            from masa.heal.api import healing_windows
+            from masa.heal.loop import HealConfig
+
+            heal_config = HealConfig(args.heal_steps, args.heal_lr, args.heal_batch, args.heal_seq_len)
+            flags = ("--heal-batch", "--heal-seq-len")
+            heal_ids = healing_windows(
+                args.heal_data, tokenizer or load_tokenizer(args.model), heal_config, flags
+            )
         start = time.perf_counter()
         model = load(args.model, device=device, dtype=dtype)
         load_seconds = time.perf_counter() - start
@@ -195,6 +255,8 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
             model, config, calib, tokenizer, cache_dir=None if args.no_cache else args.cache_dir,
             source=args.model, progress=progress, mode=args.calib_mode,
         )  # fmt: skip
+        if heal_config is not None:
+            _heal(args, model, result, heal_config, heal_ids.to(device), device, dtype, quiet)
         start = time.perf_counter()
         try:
             save(model, out, files_from=args.model, info=result.info, overwrite=args.overwrite)
@@ -210,6 +272,29 @@ def _compress(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
         "file_bytes": _weights_bytes(out),
     }
     return report, result
+
+
+def _heal(args, model, result, config, ids, device, dtype, quiet: bool) -> None:
+    """Heal the compressed ``model`` in place against the input model (loaded again for its top-k logits,
+    kept in a temporary folder); records it in ``result.info``, ``result.report`` and ``result.seconds``."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from masa.heal.api import heal_from_teacher, healing_info
+    from masa.io import load
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="masa-heal-") as work:
+        healed = heal_from_teacher(
+            model, lambda: load(args.model, device=device, dtype=dtype), ids, config,
+            Path(work) / "teacher_topk.pt",
+            progress=lambda steps: tqdm(steps, desc="healing", unit="step", disable=quiet, file=sys.stderr),
+        )  # fmt: skip
+    info = healing_info(args.model, args.heal_data, config, healed)
+    result.info["healing"] = info
+    result.report["healing"] = info
+    result.seconds["heal"] = time.perf_counter() - start
 
 
 def _device_dtype(device: str, dtype: str):

@@ -52,13 +52,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     import json
 
-    import torch
     from tqdm import tqdm
 
-    from masa.accounting import count
-    from masa.data.tokenizer import encode, load_tokenizer
-    from masa.eval.datasets import load_eval_text
-    from masa.heal.loop import STATE_NAME, HealConfig, cached_teacher, heal, windows
+    from masa.data.tokenizer import load_tokenizer
+    from masa.heal.api import heal_from_teacher, healing_info, healing_windows
+    from masa.heal.loop import STATE_NAME, HealConfig
     from masa.io import load, save
 
     out = Path(args.out)
@@ -69,22 +67,16 @@ def run(args: argparse.Namespace) -> None:
     work = Path(f"{out}.heal")
     work.mkdir(parents=True, exist_ok=True)
     model = load(args.model)
-    before = count(model).total
-    stream = torch.tensor(encode(load_tokenizer(args.model), load_eval_text(args.data)), dtype=torch.long)
-    ids = windows(stream, config)
-    teacher = cached_teacher(lambda: load(args.teacher), ids, config, work / "teacher_topk.pt")
-    result = heal(
-        model, teacher, config, work / STATE_NAME, args.resume,
+    ids = healing_windows(args.data, load_tokenizer(args.model), config)
+    result = heal_from_teacher(
+        model, lambda: load(args.teacher), ids, config, work / "teacher_topk.pt", work / STATE_NAME, args.resume,
         progress=lambda steps: tqdm(steps, desc="healing", unit="step", file=sys.stderr),
     )  # fmt: skip
-    if count(model).total != before:
-        raise RuntimeError("healing changed the number of stored parameters; this is a bug in masa")
     info = json.loads((Path(args.model) / "config.json").read_text(encoding="utf-8")).get("masa", {})
     info = {k: v for k, v in info.items() if k not in ("format_version", "version", "surgery", "params")}
-    losses = result["losses"]
-    info["healing"] = {"teacher": str(args.teacher), "data": str(args.data), "steps": config.steps, "lr": config.lr,
-                       "train": list(config.train), "kl_first": losses[0], "kl_last": losses[-1]}  # fmt: skip
+    info["healing"] = healing_info(args.teacher, args.data, config, result)
     save(model, out, files_from=args.model, info=info, overwrite=args.overwrite)
+    losses = result["losses"]
     print(
         f"healed {len(result['trained'])} tensors for {config.steps} steps: KL {losses[0]:.4f} -> {losses[-1]:.4f}; saved {out}"
     )

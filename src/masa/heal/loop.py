@@ -62,13 +62,16 @@ class HealConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
-def windows(stream: torch.Tensor, config: HealConfig) -> torch.Tensor:
-    """Non-overlapping windows (W, T) of a token stream; raises when there is not one batch of them."""
+def windows(
+    stream: torch.Tensor, config: HealConfig, flags: tuple[str, str] = ("--batch-size", "--seq-len")
+) -> torch.Tensor:
+    """Non-overlapping windows (W, T) of a token stream; raises when there is not one batch of them,
+    naming ``flags`` (the options setting the batch size and the window length) in the fix."""
     count = stream.numel() // config.seq_len
     if count < config.batch_size:
         raise ValueError(
             f"the healing text has {stream.numel()} tokens, fewer than one batch of {config.batch_size} x "
-            f"{config.seq_len}: give a longer text or lower --batch-size / --seq-len"
+            f"{config.seq_len}: give a longer text or lower {flags[0]} / {flags[1]}"
         )
     return stream[: count * config.seq_len].reshape(count, config.seq_len)
 

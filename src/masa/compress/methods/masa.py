@@ -524,6 +524,7 @@ def compress_masa(layout: Layout, stats: CalibrationStats, config: CompressConfi
     svd_errors = _svd_llm_errors([lookup[n] for n in layout.names], config.ratio)
     reference = {
         "role_weights": options.role_weights,
+        "error_weights": {p.name: plan.weights[u.role] for u in plan.units for p in u.projections},
         "objective_svd_llm": None if svd_errors is None else plan.objective(svd_errors),
         "whitened_error_svd_llm": None if svd_errors is None else sum(svd_errors.values()),
     }
