@@ -183,7 +183,7 @@ def compress(
 
             # the split chosen by calibration loss where it can be measured
             causal = calib is not None and layout.causal
-            loss = calibration_loss(model, _tokens(model, calib, tokenizer, config)) if causal else None
+            loss = calibration_loss(model, _inputs(model, calib, tokenizer, config)) if causal else None
             replacement = compensated(method, layout, stats, config, loss)
         else:
             replacement = method.fn(layout, stats if method.needs else None, config)
