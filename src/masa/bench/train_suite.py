@@ -273,6 +273,15 @@ def _plain(data: Any) -> Any:
 _SCORING_KEYS = ("eval_text", "eval_tokens", "eval_batch_size", "cpu_threads")
 
 
+def _normalised(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A saved run configuration as this masa writes it: settings added since take their defaults, so
+    a run recorded before a new option existed still counts as the same run."""
+    try:
+        return _plain(TrainRunConfig.from_dict(config).to_dict()) if config else None
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 def _scored_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
     """A run's record: reused from its folder when trained and scored the same way, else trained now."""
     scoring = {name: getattr(bench, name) for name in _SCORING_KEYS}
@@ -282,7 +291,7 @@ def _scored_run(config: TrainRunConfig, bench: BenchConfig) -> dict[str, Any]:
         saved = json.loads(path.read_text())
         done = saved.get("key", {})
         same_scoring = all(done.get("bench", {}).get(name) == value for name, value in key["bench"].items())
-        if done.get("config") == key["config"] and same_scoring:
+        if _normalised(done.get("config")) == key["config"] and same_scoring:
             return saved["record"]
     record = _in_fresh_process(score_run, config, bench)
     write_json(path, {"key": key, "record": record})
