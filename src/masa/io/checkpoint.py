@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from masa.io.atomic import recover_leftovers
+
 NATIVE_MODEL_TYPES = ("masa_lm", "masa_vit")  # masa's own models (masa.model), not transformers classes
 
 CONFIG_NAME = "config.json"
@@ -103,8 +105,6 @@ def _checked_directory(directory: str | os.PathLike) -> Path:
 
 def _put_back(directory: Path) -> None:
     """A save killed in the middle of replacing ``directory`` may have left it hidden: restore it."""
-    from masa.io.atomic import recover_leftovers
-
     with contextlib.suppress(OSError):  # a read-only place: report the directory as missing
         recover_leftovers(directory)
 

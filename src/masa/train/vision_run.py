@@ -75,9 +75,6 @@ def train_vision(config: VisionRunConfig, resume: bool = False, overwrite: bool 
             "run it again with --overwrite"
         )
     out_dir = Path(config.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file, not a run directory: choose a folder path")
-    out_dir.mkdir(parents=True, exist_ok=True)
     with directory_lock(out_dir):
         prepare_run_dir(out_dir, False, overwrite)
         data = load_images(config.images)
