@@ -16,6 +16,7 @@ from masa.bench.train_suite import (
     RUN_RECORD,
     SuiteConfig,
     knob_text,
+    run_config,
     suite_runs,
     variant_config,
 )
@@ -59,6 +60,29 @@ def test_variant_knobs_meet_the_budget():
     }  # fmt: skip
     masa = variant_config(suite_runs("table1", 12, 2 / 3)[-1], base, coef_generator=True)
     assert masa.coef_generator
+
+
+def test_suite_multipliers_apply_to_the_runs_that_have_those_parameters(tmp_path):
+    """A generator learning-rate multiplier for the suite reaches the runs with a generator only (the
+    trainer refuses a multiplier for parameters a model lacks), so the other runs keep their records."""
+    sets = ["train.lr_mult.generator=0.1", "train.lr_mult.atoms=2", "train.wd_mult.factors=0.5"]
+    config = SuiteConfig.from_toml(command.resolve_train_preset("quick"), sets)
+    base = config.run.model_config(config.run.data.vocab_size)
+    multipliers = {}
+    for spec in suite_runs("generator", base.n_layer, config.bench.target_ratio):
+        train = run_config(config.run, variant_config(spec, base, True), 0, tmp_path).train
+        multipliers[spec.label] = (train.lr_mult, train.wd_mult)
+    assert multipliers == {
+        "dense": ({}, {}),
+        "masa-qkv-S4-generator": ({"generator": 0.1, "atoms": 2.0}, {}),
+        "masa-qkv-S4-plain": ({"atoms": 2.0}, {}),
+        "masa-qkvo-S4-generator": ({"generator": 0.1, "atoms": 2.0}, {}),
+        "masa-qkvo-S4-plain": ({"atoms": 2.0}, {}),
+    }
+    lowrank = next(s for s in suite_runs("table1", base.n_layer, 2 / 3) if s.label == "lowrank")
+    assert run_config(config.run, variant_config(lowrank, base, True), 0, tmp_path).train.wd_mult == {
+        "factors": 0.5
+    }
 
 
 def test_suite_config_rejects_a_preset_that_sets_the_attention():

@@ -89,6 +89,22 @@ def test_logit_lens_kl_matches_hidden_states(tokens):
     assert calibrate(build("bert", 2), tokens, _targets(build("bert", 2))).block_kl is None
 
 
+def test_logit_lens_scores_evenly_spaced_tokens_of_a_large_batch(tokens, monkeypatch):
+    """Beyond LENS_TOKENS calibration tokens the drift is the mean KL over every k-th token (the head
+    costs tokens x vocab; at a 128k vocabulary it would outweigh the blocks)."""
+    from masa.compress.calibration import collect
+
+    model = build("llama", n_layer=3)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+        logp = [torch.log_softmax(model.lm_head(model.model.norm(h)).double(), -1) for h in hidden[1:3]]
+    per_token = (logp[0].exp() * (logp[0] - logp[1])).sum(-1).reshape(-1)  # (N*T,) KL per token
+    monkeypatch.setattr(collect, "LENS_TOKENS", tokens.numel() // 4)  # every 4th token of each batch
+    stats = calibrate(model, tokens, _targets(model))
+    assert stats.block_kl[0] == pytest.approx(float(per_token[::4].mean()), rel=1e-6)
+    assert stats.block_kl[0] != pytest.approx(float(per_token.mean()), rel=1e-6)
+
+
 def test_summary_reports_shape_and_memory(tokens):
     model = build("opt", n_layer=2)
     summary = calibrate(model, tokens, _targets(model)).summary()

@@ -10,10 +10,11 @@ import torch
 from tiny_models import build, outputs
 
 import masa
+import masa.compress.methods.masa as masa_method
 from masa.arch import find_blocks, get_adapter, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
 from masa.compress.api import resolve_targets
-from masa.compress.methods.masa import MasaOptions, _allocate, _groupings
+from masa.compress.methods.masa import MasaOptions, _allocate, _atom_counts, _groupings
 from masa.compress.registry import method_options
 from masa.compress.whitening import whitened_error
 from masa.nn import LowRankLinear, RefinedSharedLinear
@@ -127,6 +128,45 @@ def test_shared_structure_is_found_and_wins():
         (layer.shared if isinstance(layer, RefinedSharedLinear) else layer).dictionary.atoms for layer in q
     }
     assert len(atoms) == 2  # one dictionary per group, referenced by its blocks
+
+
+@pytest.mark.parametrize(
+    "curve",
+    [
+        lambda s: s,  # rising: no atoms
+        lambda s: -s,  # falling: as many atoms as the budget allows
+        lambda s: (s - 5) ** 2,  # a minimum between grid points
+        lambda s: (s - 11) ** 2,  # just below the top of the grid
+        lambda s: min((s - 3) ** 2, (s - 31) ** 2 - 1),  # two valleys, the deeper one at the top (real q/o)
+        lambda s: abs(s - 21) + (s == 0) * 100,  # a kink
+    ],
+)
+def test_atom_count_search_finds_the_minimum_in_few_tries(curve):
+    tried = []
+
+    def error_of(s):
+        tried.append(s)
+        return float(curve(s))
+
+    _atom_counts(31, error_of)
+    assert min(tried, key=curve) == min(range(32), key=curve)
+    assert len(tried) == len(set(tried)) <= 16  # about 3 log2(32); every count would be 32
+
+
+def test_searched_plan_equals_the_exhaustive_float64_search(monkeypatch):
+    """The grid and the float32 spectra only choose S: the plan is the exhaustive float64 search's."""
+    model, config, stats = _prepared("llama", n_layer=8, structured=("q", "k", "v"), noise=0.3, ratio=0.3)
+    fast = compress(copy.deepcopy(model), config, stats=stats).report
+    monkeypatch.setattr(masa_method, "SEARCH_DTYPE", torch.float64)
+    monkeypatch.setattr(
+        masa_method, "_atom_counts", lambda s_max, error_of: [error_of(s) for s in range(s_max + 1)]
+    )
+    exhaustive = compress(model, config, stats=stats).report
+    assert fast["objective"] == pytest.approx(exhaustive["objective"], rel=1e-12)
+    for role in ATTENTION:
+        chosen = [(g["blocks"], g["atoms"], g["ranks"]) for g in fast["roles"][role]["groups"]]
+        assert chosen == [(g["blocks"], g["atoms"], g["ranks"]) for g in exhaustive["roles"][role]["groups"]]
+    assert any(g["atoms"] for role in ("q", "k", "v") for g in fast["roles"][role]["groups"])
 
 
 def test_tiny_ratio_reproduces_identical_blocks(ids):

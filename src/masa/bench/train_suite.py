@@ -28,10 +28,18 @@ from masa.data.tokenizer import encode, load_tokenizer, tokenizer_hash, vocab_si
 from masa.eval import load_eval_text, perplexity
 from masa.eval.datasets import resolve_eval_path
 from masa.io import write_json
-from masa.model import MasaLMConfig, configure_for_budget
+from masa.model import MasaLM, MasaLMConfig, configure_for_budget
 from masa.model.config import VARIANT_KNOB
+from masa.nn import parameter_kinds
 from masa.train.checkpoint import latest_checkpoint
-from masa.train.config import FILLED_MODEL_KEYS, ConfigError, TrainRunConfig, _checked, apply_overrides
+from masa.train.config import (
+    FILLED_MODEL_KEYS,
+    ConfigError,
+    TrainConfig,
+    TrainRunConfig,
+    _checked,
+    apply_overrides,
+)
 from masa.train.trainer import CHECKPOINT_DIR, METRICS_FILE, train
 
 SUITES = ("table1", "ablation", "generator")
@@ -251,8 +259,22 @@ def run_config(shared: TrainRunConfig, model: MasaLMConfig, seed: int, out_dir: 
     table = {
         k: v for k, v in dataclasses.asdict(model).items() if k not in FILLED_MODEL_KEYS and v is not None
     }
-    train_config = dataclasses.replace(shared.train, seed=seed, out_dir=str(out_dir))
+    train_config = dataclasses.replace(
+        shared.train, seed=seed, out_dir=str(out_dir), **_own_multipliers(shared.train, model)
+    )
     return TrainRunConfig(model=table, data=shared.data, train=train_config)
+
+
+def _own_multipliers(train: TrainConfig, model: MasaLMConfig) -> dict[str, dict[str, float]]:
+    """The suite's ``lr_mult`` / ``wd_mult`` restricted to the parameter kinds this run's model has: a
+    multiplier for the generator applies to the runs that have one (the trainer refuses the others)."""
+    if not train.lr_mult and not train.wd_mult:
+        return {}
+    with torch.device("meta"):
+        kinds = set(parameter_kinds(MasaLM(model)).values())
+    return {
+        name: {k: v for k, v in getattr(train, name).items() if k in kinds} for name in ("lr_mult", "wd_mult")
+    }
 
 
 def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

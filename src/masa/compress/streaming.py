@@ -36,16 +36,22 @@ from masa.io.stream import ShardWriter, StreamedModel, return_large_allocations,
 
 
 class StreamedBlocks(BlockAccess):
-    """Blocks read from the files when needed; when done, written as a shard (``writer``) and freed."""
+    """Blocks read from the files when needed; when done, written as a shard (``writer``) and freed.
+
+    ``read_seconds`` adds up the time spent reading, so the phases it happens inside can leave it out.
+    """
 
     def __init__(
         self, streamed: StreamedModel, blocks_path: str, writer: ShardWriter | None, meter: PeakMemory
     ):
         self.streamed, self.blocks_path, self.writer, self.meter = streamed, blocks_path, writer, meter
+        self.read_seconds = 0.0
 
     def load(self, index: int) -> None:
         prefix = f"{self.blocks_path}.{index}"
+        start = time.perf_counter()
         self.streamed.load(prefix)
+        self.read_seconds += time.perf_counter() - start
         block = self.streamed.model.get_submodule(prefix)
         if left := [name for name, p in block.named_parameters() if p.device.type == "meta"]:
             raise ValueError(
@@ -124,6 +130,7 @@ def compress_checkpoint(
             )
             stats, report = run.calibration, run.report
             seconds.update(run.seconds)
+            seconds["read"] = access.read_seconds  # between the timed phases
         else:
             stats, report = _fit_groups(model, streamed, config, method, tokens, access, progress, seconds)
         result = _result(model, layout, config, method, stats, False, total_before, seconds, report, mode)
@@ -162,14 +169,17 @@ def _fit_groups(
     blocks_path, blocks = find_blocks(model)
     stats = None
     names = resolve_layout(model, config).names
+    read = 0.0
     if method.needs:
         start = time.perf_counter()
         stats_access = StreamedBlocks(streamed, blocks_path, None, access.meter)  # read, calibrate, free
         stats = calibrate(model, tokens, names, progress=progress, access=stats_access)
-        seconds["calibration"] = time.perf_counter() - start
-    start = time.perf_counter()
+        read = stats_access.read_seconds
+        seconds["calibration"] = time.perf_counter() - start - read  # the reads are counted apart
     for i in range(len(blocks)):
         access.load(i)
+    seconds["read"] = read + access.read_seconds
+    start = time.perf_counter()
     layout = resolve_layout(model, config)  # the weights are loaded now
     with torch.no_grad():
         replacement = method.fn(layout, stats, config)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 import json
 import os
 import re
@@ -309,8 +308,11 @@ def return_large_allocations() -> bool:
 
 
 def trim_heap() -> None:
-    """Give the heap's free memory back to the system (glibc ``malloc_trim``; elsewhere only ``gc``)."""
-    gc.collect()
+    """Give the heap's free memory back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+
+    No ``gc.collect()``: a block's tensors are freed by reference counting as soon as they are released,
+    and a full collection costs about 0.4 s per block once transformers is imported (measured on the
+    12-block d=256 scale shape: 4.5 s of a 12 s statistics pass)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -1,4 +1,14 @@
-"""(Used for the masa-qkvo runs of seeds 1-2.) Train and score one run of the generator suite into its usual folder (the suite reuses it later)."""
+"""Train and score one run of a `masa bench train` suite into its usual folder (the suite reuses it later).
+
+Used for runs trained one by one rather than inside a suite command (which always trains dense as well):
+    python one_run.py SUITE LABEL SEED PRESET SET...
+e.g. the generator study's runs of seeds 1-2:
+    python one_run.py generator masa-qkv-S4-plain 1 quick train.token_budget=163_840 \
+        bench.eval_tokens=16_384 train.out_dir=runs/bench-generator
+and the learning-rate sweep of the generator at the medium preset:
+    python one_run.py table1 masa-qkvo-S4 0 medium train.lr_mult.generator=0.1 train.out_dir=runs/sweep-gen0.1
+"""
+
 import sys
 from pathlib import Path
 
@@ -6,12 +16,11 @@ from masa.bench.command import resolve_train_preset
 from masa.bench.train_suite import SuiteConfig, _scored_run, run_config, suite_runs, variant_config
 
 if __name__ == "__main__":
-    label, seed = sys.argv[1], int(sys.argv[2])
-    sets = ["train.token_budget=163_840", "bench.eval_tokens=16_384", "train.out_dir=/work/wt-training/runs/bench-generator"]
-    config = SuiteConfig.from_toml(resolve_train_preset("quick"), sets)
+    suite, label, seed, preset, sets = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+    config = SuiteConfig.from_toml(resolve_train_preset(preset), sets)
     base = config.run.model_config(config.run.data.vocab_size)
-    spec = next(s for s in suite_runs("generator", base.n_layer, config.bench.target_ratio) if s.label == label)
+    spec = next(s for s in suite_runs(suite, base.n_layer, config.bench.target_ratio) if s.label == label)
     model = variant_config(spec, base, config.bench.coef_generator)
-    run_dir = Path(config.run.train.out_dir) / "generator" / spec.label / f"seed{seed}"
+    run_dir = Path(config.run.train.out_dir) / suite / spec.label / f"seed{seed}"
     record = _scored_run(run_config(config.run, model, seed, run_dir), config.bench)
     print(label, seed, record["held_out_ppl"], record["eval_ppl"], flush=True)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -105,6 +106,10 @@ class MasaOptions:
 
 
 # ------------------------------------------------------------------------------------ the fit
+
+SEARCH_DTYPE = (
+    torch.float32
+)  # residual spectra scored while searching S (the chosen S is refitted in float64)
 
 
 @dataclass
@@ -193,20 +198,53 @@ def _mean_gram_atoms(projections: list[Projection], n_atoms: int) -> torch.Tenso
     return torch.linalg.solve_triangular(chol, whitened_atoms, upper=False, left=False)  # D L = E
 
 
-def _refits(p: Projection, atoms: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For S = 0..len(atoms): the block's coefficients (S,) fitted on the first S atoms in its whitened
-    space, and the squared singular values of the whitened residual (descending)."""
-    whitened = p.whitened  # (d_out, d_in)
-    fits = [(whitened.new_zeros(0), p.spectrum)]  # S = 0: the layer itself
-    if len(atoms) == 0:
-        return fits
-    basis = (atoms @ p.chol).flatten(1)  # (S_max, d_out*d_in)
-    system, target = basis @ basis.T, basis @ whitened.reshape(-1)  # (S_max, S_max), (S_max,)
-    for s in range(1, len(atoms) + 1):
-        coeffs = torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]  # (s,)
-        residual = whitened - (coeffs @ basis[:s]).reshape(whitened.shape)
-        fits.append((coeffs, squared_singular_values(residual)))
-    return fits
+def _normal_equations(
+    p: Projection, atoms: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's least-squares system on the atoms in its whitened space, computed in ``dtype``:
+    Gram (S, S) of the whitened atoms D_s L and their products (S,) with W L, both returned in float64."""
+    chol = p.chol.to(dtype)
+    basis = (atoms.to(dtype) @ chol).flatten(1)  # (S, d_out*d_in)
+    return (basis @ basis.T).double(), (basis @ p.whitened.to(dtype).reshape(-1)).double()
+
+
+def _coefficients(system: torch.Tensor, target: torch.Tensor, s: int) -> torch.Tensor:
+    """Least-squares coefficients (s,) on the first ``s`` atoms (pseudo-inverse: atoms may be dependent)."""
+    return torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]
+
+
+def _residual_spectrum(p: Projection, atoms: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Squared singular values (descending, float64) of the block's whitened residual (W - sum c_s D_s) L,
+    computed in the atoms' dtype; with no coefficients, the layer's own spectrum."""
+    if len(coeffs) == 0:
+        return p.spectrum
+    dtype = atoms.dtype
+    residual = p.weight.to(dtype) - torch.tensordot(
+        coeffs.to(dtype), atoms[: len(coeffs)], dims=1
+    )  # (d_out, d_in)
+    return squared_singular_values(residual @ p.chol.to(dtype)).double()
+
+
+def _atom_counts(s_max: int, error_of: Callable[[int], float]) -> None:
+    """Call ``error_of`` on the atom counts worth trying in 0..s_max: the grid 0, 1, 2, 4, 8, ..., s_max,
+    then the midpoints of the gaps beside the best count so far, until its neighbours are all tried.
+
+    The whitened error is not monotone in S (few atoms and almost as many atoms as blocks can both
+    win), but between grid points it has been smooth on every model measured, so the search tries about
+    2 log2(s_max) counts instead of s_max + 1 (docs/results/scale/README.md).
+    """
+    grid = {0, s_max, *(2**i for i in range(s_max.bit_length()))}  # 2**i <= s_max
+    errors = {s: error_of(s) for s in sorted(grid)}
+    while True:
+        best = min(errors, key=errors.get)
+        tried = sorted(errors)
+        at = tried.index(best)
+        gaps = [(tried[at - 1], best)] if at > 0 else []
+        gaps += [(best, tried[at + 1])] if at + 1 < len(tried) else []
+        middle = [(a + b) // 2 for a, b in gaps if b - a > 1]
+        if not middle:
+            return
+        errors.update({s: error_of(s) for s in middle})
 
 
 def _allocate(
@@ -228,19 +266,31 @@ def _error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 
 
 def _fit_unit(unit: Unit, keep: float) -> Unit:
-    """Search S = 0.. for the unit at its share ``keep`` x dense of the budget; keep the best fit."""
+    """Search the atom count S for the unit at its share ``keep`` x dense of the budget; keep the best fit.
+
+    The search scores each tried S from residual spectra in ``SEARCH_DTYPE`` (float32 halves the cost of
+    the products and eigenvalues); the chosen S is then refitted in float64, so the plan (coefficients,
+    spectra, ranks) is exactly the float64 fit of that S.
+    """
     n, budget = len(unit.projections), math.floor(keep * unit.dense) - unit.biases
     s_max = min(n - 1, max(0, budget // unit.atom_cost))
     atoms = _mean_gram_atoms(unit.projections, s_max)  # (s_max, d_out, d_in)
-    fits = [_refits(p, atoms) for p in unit.projections]  # [block][S] -> (coeffs, spectrum)
-    ranks: dict[int, list[int]] = {}
-    for s in range(s_max + 1):
-        spectra = [f[s][1] for f in fits]
-        found = _allocate(
-            spectra, [unit.rank_cost] * n, [1.0] * n, [int(s == 0)] * n, budget - s * unit.atom_cost
-        )
-        if found is not None:
-            ranks[s], unit.search[s] = found, _error(spectra, found)
+    costs, weights = [unit.rank_cost] * n, [1.0] * n
+    equations = [_normal_equations(p, atoms, SEARCH_DTYPE) for p in unit.projections] if s_max else []
+    search_atoms = atoms.to(SEARCH_DTYPE)
+
+    def error_of(s: int) -> float:
+        spectra = [
+            _residual_spectrum(p, search_atoms, _coefficients(*eq, s) if s else atoms.new_zeros(0))
+            for p, eq in zip(unit.projections, equations or [None] * n, strict=True)
+        ]
+        found = _allocate(spectra, costs, weights, [int(s == 0)] * n, budget - s * unit.atom_cost)
+        if found is None:
+            return math.inf
+        unit.search[s] = _error(spectra, found)
+        return unit.search[s]
+
+    _atom_counts(s_max, error_of)
     if not unit.search:
         raise ValueError(
             f"keeping {keep:.3g} of {unit.path!r} in blocks {[p.block for p in unit.projections]} affords not "
@@ -248,8 +298,14 @@ def _fit_unit(unit: Unit, keep: float) -> Unit:
         )
     best = min(unit.search, key=unit.search.get)
     unit.atoms = atoms[:best] if best else None
-    unit.coefficients = torch.stack([f[best][0] for f in fits]) if best else None  # (n, S)
-    unit.spectra, unit.ranks = [f[best][1] for f in fits], ranks[best]
+    exact = [_normal_equations(p, unit.atoms, torch.float64) for p in unit.projections] if best else []
+    unit.coefficients = torch.stack([_coefficients(*eq, best) for eq in exact]) if best else None  # (n, S)
+    unit.spectra = [
+        _residual_spectrum(p, atoms, unit.coefficients[i] if best else atoms.new_zeros(0))
+        for i, p in enumerate(unit.projections)
+    ]
+    unit.ranks = _allocate(unit.spectra, costs, weights, [int(best == 0)] * n, budget - best * unit.atom_cost)
+    unit.search[best] = _error(unit.spectra, unit.ranks)
     return unit
 
 
