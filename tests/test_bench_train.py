@@ -79,6 +79,15 @@ def test_suite_multipliers_apply_to_the_runs_that_have_those_parameters(tmp_path
         "masa-qkvo-S4-generator": ({"generator": 0.1, "atoms": 2.0}, {}),
         "masa-qkvo-S4-plain": ({"atoms": 2.0}, {}),
     }
+    plain_config = SuiteConfig.from_toml(command.resolve_train_preset("quick"), [])
+    written = {
+        spec.label: run_config(plain_config.run, variant_config(spec, base, True), 0, tmp_path).train.lr_mult
+        for spec in suite_runs("generator", base.n_layer, config.bench.target_ratio)
+    }  # the default is written out where it applies, so runs recorded under another default are not reused
+    assert written == {
+        "dense": {}, "masa-qkv-S4-generator": {"generator": 0.1}, "masa-qkv-S4-plain": {},
+        "masa-qkvo-S4-generator": {"generator": 0.1}, "masa-qkvo-S4-plain": {},
+    }  # fmt: skip
     lowrank = next(s for s in suite_runs("table1", base.n_layer, 2 / 3) if s.label == "lowrank")
     assert run_config(config.run, variant_config(lowrank, base, True), 0, tmp_path).train.wd_mult == {
         "factors": 0.5

@@ -167,6 +167,10 @@ def test_groups_by_kind_decay_matrices_and_atoms_only():
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     generator = {g["kind"]: g["weight_decay"] for g in param_groups(_masa_model(generator=True), 0.1)}
     assert generator["generator"] == 0.0 and "coefficients" not in generator
+    by_kind = {g["kind"]: g["lr_mult"] for g in param_groups(_masa_model(generator=True), 0.1)}
+    assert by_kind == {"atoms": 1.0, "generator": 0.1, "norm": 1.0, "dense": 1.0}  # the measured default
+    asked = param_groups(_masa_model(generator=True), 0.1, lr_mult={"generator": 1})
+    assert {g["kind"]: g["lr_mult"] for g in asked}["generator"] == 1
     decayed = {g["kind"]: g["weight_decay"] for g in param_groups(model, 0.1, wd_mult={"coefficients": 0.5})}
     assert decayed["coefficients"] == 0.0  # 1-D tensors never decay
     assert {g["kind"]: g["weight_decay"] for g in param_groups(model, 0.1, wd_mult={"atoms": 0})}[

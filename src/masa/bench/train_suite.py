@@ -40,6 +40,7 @@ from masa.train.config import (
     _checked,
     apply_overrides,
 )
+from masa.train.groups import DEFAULT_LR_MULT, multipliers
 from masa.train.trainer import CHECKPOINT_DIR, METRICS_FILE, train
 
 SUITES = ("table1", "ablation", "generator")
@@ -266,14 +267,15 @@ def run_config(shared: TrainRunConfig, model: MasaLMConfig, seed: int, out_dir: 
 
 
 def _own_multipliers(train: TrainConfig, model: MasaLMConfig) -> dict[str, dict[str, float]]:
-    """The suite's ``lr_mult`` / ``wd_mult`` restricted to the parameter kinds this run's model has: a
-    multiplier for the generator applies to the runs that have one (the trainer refuses the others)."""
-    if not train.lr_mult and not train.wd_mult:
-        return {}
+    """The multipliers in effect (defaults and the suite's ``lr_mult`` / ``wd_mult``) for the parameter
+    kinds this run's model has, written out: a multiplier for the generator applies to the runs that have
+    one (the trainer refuses the others), and a run recorded under other defaults is not taken for this one."""
     with torch.device("meta"):
         kinds = set(parameter_kinds(MasaLM(model)).values())
+    lr_mult, _ = multipliers(train.lr_mult, {})
     return {
-        name: {k: v for k, v in getattr(train, name).items() if k in kinds} for name in ("lr_mult", "wd_mult")
+        "lr_mult": {k: v for k, v in lr_mult.items() if k in kinds and (v != 1.0 or k in DEFAULT_LR_MULT)},
+        "wd_mult": {k: v for k, v in train.wd_mult.items() if k in kinds},
     }
 
 

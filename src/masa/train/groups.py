@@ -19,6 +19,17 @@ from masa.nn.protocol import KINDS
 # Weight-decay multipliers unless configured: no decay on MASA coefficients, the generator MLP that
 # produces them, biases and norms; decay on matrices and atom banks.
 DEFAULT_WD_MULT = {"coefficients": 0.0, "generator": 0.0, "bias": 0.0, "norm": 0.0}
+# Learning-rate multipliers unless configured. The coefficient generator at the full learning rate
+# (2e-3) diverged for both MASA variants over one epoch (medium preset); at 0.1 x it trained stably and
+# beat plain coefficients (docs/results/train/README.md).
+DEFAULT_LR_MULT = {"generator": 0.1}
+
+
+def multipliers(
+    lr_mult: Mapping[str, float] | None, wd_mult: Mapping[str, float] | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The learning-rate and weight-decay multipliers in effect: the defaults, overridden by ``train.*``."""
+    return DEFAULT_LR_MULT | dict(lr_mult or {}), DEFAULT_WD_MULT | dict(wd_mult or {})
 
 
 def check_multipliers(name: str, multipliers: Mapping[str, float]) -> None:
@@ -42,10 +53,11 @@ def param_groups(
 
     Each group carries ``kind`` and ``lr_mult`` (the trainer sets ``lr = schedule * lr_mult``) and its
     ``weight_decay``; 1-D tensors go to a ``<kind>`` group without decay. A multiplier for a kind the
-    model does not have raises ValueError naming the kinds it has.
+    model does not have raises ValueError naming the kinds it has (the defaults apply where they can).
     """
-    lr_mult, wd_mult = dict(lr_mult or {}), DEFAULT_WD_MULT | dict(wd_mult or {})
-    check_multipliers("lr_mult", lr_mult)
+    asked = dict(lr_mult or {})
+    check_multipliers("lr_mult", asked)
+    lr_mult, wd_mult = multipliers(asked, wd_mult)
     check_multipliers("wd_mult", wd_mult)
     kinds = parameter_kinds(model)
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
@@ -53,7 +65,7 @@ def param_groups(
         if param.requires_grad:
             buckets.setdefault((kinds[name], param.ndim >= 2), []).append(param)
     present = {kind for kind, _ in buckets}
-    missing = sorted(set(lr_mult) - present)
+    missing = sorted(set(asked) - present)
     if missing:
         raise ValueError(
             f"train.lr_mult sets {', '.join(missing)}, which this model does not have (its parameter "

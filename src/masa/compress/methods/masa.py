@@ -14,10 +14,12 @@ For each targeted projection role and each group of consecutive blocks (one dict
 4. Correction: the block's residual gets SVD-LLM's whitened truncation (``whitened_lowrank``).
 5. Budget (the accounting of docs/compression.md, biases kept and counted as ``masa.compress`` counts them): each role keeps
    (1 - CR) of its size, tilted by ``role_weights`` (Q and O 1.5 x by default, as the paper gives them
-   more rank). Per group every S from 0 (no atoms: SVD-LLM with ranks pooled over the group's blocks)
-   to what the group's share affords is tried, the rank left over going to the largest residual
-   singular values of its blocks; the S of least whitened error wins. The budget's rounding left
-   over goes to the best further ranks of any layer.
+   more rank). Per group S runs from 0 (no atoms: SVD-LLM with ranks pooled over the group's blocks)
+   to what the group's share affords, the rank left over going to the largest residual singular
+   values of its blocks; the S of least whitened error wins. S is searched on a grid (0, 1, 2, 4, ...,
+   the most) refined around the best count, scored in float32, and the winner refitted in float64
+   (``_atom_counts``, ``_fit_unit``). The budget's rounding left over goes to the best further ranks
+   of any layer.
 6. Objective: sum over roles of weight x whitened error / whitened energy (errors of different roles
    live on different scales). When SVD-LLM, with its own ranks at the same ratio, scores better on it
    (rank rounding on tiny layers, or the role tilt on blocks that share nothing), ``masa`` runs
@@ -230,8 +232,9 @@ def _atom_counts(s_max: int, error_of: Callable[[int], float]) -> None:
     then the midpoints of the gaps beside the best count so far, until its neighbours are all tried.
 
     The whitened error is not monotone in S (few atoms and almost as many atoms as blocks can both
-    win), but between grid points it has been smooth on every model measured, so the search tries about
-    2 log2(s_max) counts instead of s_max + 1 (docs/results/scale/README.md).
+    win), but between grid points it has been smooth on every model measured, so the search tries at
+    most about 3 log2(s_max) counts instead of s_max + 1, and picked the exhaustive search's S on every
+    unit of the bench model (docs/results/scale/README.md).
     """
     grid = {0, s_max, *(2**i for i in range(s_max.bit_length()))}  # 2**i <= s_max
     errors = {s: error_of(s) for s in sorted(grid)}
@@ -352,10 +355,15 @@ def _split(role: str, path: str, projections: list[Projection], grouping: list[l
 def _choose_grouping(
     role: str, path: str, projections: list[Projection], groupings: list[list[list[int]]], keep: float
 ) -> tuple[list[Unit], list[dict]]:
-    """The fitted units of the grouping with the least whitened error, and every candidate's error."""
+    """The fitted units of the grouping with the least whitened error, and every candidate's error.
+
+    Candidates come in order of more groups (``auto`` cuts one more drift each time); the search stops
+    at the first that scores worse than the one before it: a further cut splits a group again, and on
+    every model measured the error only rose from there (docs/results/scale/README.md).
+    """
     fitted: dict[tuple[int, ...], Unit] = {}  # a group met again in another grouping is fitted once
     best: tuple[float, list[Unit]] | None = None
-    candidates = []
+    candidates: list[dict] = []
     for grouping in groupings:
         units = []
         for unit in _split(role, path, projections, grouping):
@@ -364,11 +372,14 @@ def _choose_grouping(
                 fitted[key] = _fit_unit(unit, keep)
             units.append(fitted[key])
         error = sum(u.search[u.n_atoms] for u in units)
+        worse = bool(candidates) and error > candidates[-1]["whitened_error"]
         candidates.append(
             {"groups": [[p.block for p in u.projections] for u in units], "whitened_error": error}
         )
         if best is None or error < best[0]:
             best = (error, units)
+        if worse:
+            break
     for g, unit in enumerate(best[1]):
         unit.group = g
     return best[1], candidates
