@@ -5,12 +5,17 @@ Usage: PYTHONPATH=src python scripts/masa_search_check.py MODEL_DIR attn|all-lin
 (calibration: the first 32 x 128 tokens of data/gutenberg/austen-emma.txt; one torch thread)
 """
 
-import sys, json, torch, masa
+import json
+import sys
+
+import torch
+
+import masa
 from masa.compress import CompressConfig
+from masa.compress.api import calibration_tokens
+from masa.compress.calibration import cached_calibrate
 from masa.compress.layout import resolve_layout
 from masa.compress.registry import get_method
-from masa.compress.calibration import cached_calibrate
-from masa.compress.api import calibration_tokens
 from masa.data.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)
