@@ -21,6 +21,8 @@ if __name__ == "__main__":
     base = config.run.model_config(config.run.data.vocab_size)
     spec = next(s for s in suite_runs(suite, base.n_layer, config.bench.target_ratio) if s.label == label)
     model = variant_config(spec, base, config.bench.coef_generator)
-    run_dir = Path(config.run.train.out_dir) / suite / spec.label / f"seed{seed}"
+    plain = spec.n_atoms and not model.coef_generator and spec.coef_generator is None
+    folder = spec.label + ("-plain" if plain else "")  # the suite's folder for this run
+    run_dir = Path(config.run.train.out_dir) / suite / folder / f"seed{seed}"
     record = _scored_run(run_config(config.run, model, seed, run_dir), config.bench)
     print(label, seed, record["held_out_ppl"], record["eval_ppl"], flush=True)
