@@ -17,6 +17,7 @@ from masa.compress.calibration import (
 )
 from masa.compress.config import CompressConfig
 from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
+from masa.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -103,6 +104,23 @@ def test_logit_lens_scores_evenly_spaced_tokens_of_a_large_batch(tokens, monkeyp
     stats = calibrate(model, tokens, _targets(model))
     assert stats.block_kl[0] == pytest.approx(float(per_token[::4].mean()), rel=1e-6)
     assert stats.block_kl[0] != pytest.approx(float(per_token.mean()), rel=1e-6)
+
+
+def test_fewer_rows_than_inputs_warn_of_a_rank_deficient_gram(saved_llama):
+    import masa
+    from masa.compress import compress
+
+    model = masa.load(saved_llama / "base")  # d = 32: 2 x 8 = 16 rows < 32 inputs
+    config = CompressConfig("svd-llm", 0.3, calib_samples=2, calib_len=8)
+    with pytest.warns(UserWarning, match=r"saw 16 rows, fewer than the 32 inputs of .*q_proj.*rank-defic"):
+        compress(model, config, str(saved_llama / "calib.txt"), load_tokenizer(saved_llama / "base"))
+
+
+def test_binary_calibration_text_is_refused_by_name(saved_llama):
+    binary = saved_llama / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"weights.bin is not UTF-8 text \(byte 0x80 at offset 128\)"):
+        calibration_tokens(str(binary), None, 2, 8)
 
 
 def test_summary_reports_shape_and_memory(tokens):

@@ -265,6 +265,8 @@ def _result(
             f"{len(names)} targeted modules (biases included, the accounting of docs/compression.md); their shapes are too coarse for this "
             "budget: choose another ratio or more/larger targets"
         )
+    if stats is not None:
+        stats.check_rows({t.name: t.weight.shape[1] for t in layout.targets})
     calibration = {**stats.summary(), "reused": reused, "mode": mode} if stats is not None else None
     info = {
         "method": config.method,

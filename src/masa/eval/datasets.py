@@ -40,7 +40,13 @@ def resolve_eval_path(name_or_path: str | Path) -> Path:
 def load_eval_text(name_or_path: str | Path) -> str:
     """Whole text of a named eval set (``wikitext2-test``, ``ptb-test``, ...) or of a UTF-8 text file."""
     path = resolve_eval_path(name_or_path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+            "pass a plain text file (a binary or differently encoded file cannot be tokenized)"
+        ) from None
     if not text.strip():
         raise ValueError(f"eval text {path} is empty: pass a file with text in it")
     return text

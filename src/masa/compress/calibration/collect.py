@@ -16,6 +16,7 @@ import inspect
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -63,6 +64,19 @@ class CalibrationStats:
     streamed: bool = field(default=True, compare=False)
     fisher: dict[str, torch.Tensor] | None = field(default=None, compare=False)
     consumable: bool = field(default=False, compare=False)
+
+    def check_rows(self, widths: dict[str, int]) -> None:
+        """Warn when fewer rows were seen than a targeted layer has inputs (``widths``: name -> d_in): its
+        Gram matrix is then rank-deficient, and the whitened methods rest on the damping alone."""
+        narrow = {name: d for name, d in widths.items() if d > self.n_rows}
+        if self.n_rows and narrow:
+            name, width = max(narrow.items(), key=lambda item: item[1])
+            warnings.warn(
+                f"calibration saw {self.n_rows} rows, fewer than the {width} inputs of {name} (and "
+                f"{len(narrow) - 1} other layers): their Gram matrices are rank-deficient, so the whitening "
+                f"rests on damping; give at least {width} calibration tokens (--calib-samples x --calib-len)",
+                stacklevel=2,
+            )
 
     def summary(self) -> dict:
         """JSON-able summary for reports and config.json."""
