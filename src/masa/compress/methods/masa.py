@@ -109,9 +109,8 @@ class MasaOptions:
 
 # ------------------------------------------------------------------------------------ the fit
 
-SEARCH_DTYPE = (
-    torch.float32
-)  # residual spectra scored while searching S (the chosen S is refitted in float64)
+# Residual spectra are scored in this dtype while searching S; the chosen S is refitted in float64.
+SEARCH_DTYPE = torch.float32
 
 
 @dataclass
