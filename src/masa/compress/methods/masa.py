@@ -115,16 +115,28 @@ SEARCH_DTYPE = torch.float32
 
 @dataclass
 class Projection:
-    """One targeted layer and what its fit needs (float64, on its Gram's device)."""
+    """One targeted layer and what its fit needs (float64, on its Gram's device).
+
+    The weight stays the layer's own tensor (``source``) and is widened to float64 where it is used, so
+    the float64 copies of all roles' weights are never held at once (1.2 GB at d = 1024, 12 blocks).
+    """
 
     name: str
     block: int
-    weight: torch.Tensor  # (d_out, d_in)
+    source: torch.Tensor  # (d_out, d_in), the layer's own weight in its dtype and device
     bias: torch.Tensor | None  # (d_out,), the layer's own tensor
     gram: torch.Tensor  # (d_in, d_in)
     chol: torch.Tensor  # (d_in, d_in) lower, chol chol^T = gram + lambda I
     _whitened: torch.Tensor | None = field(default=None, repr=False)
     _spectrum: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight (d_out, d_in) in float64 on the Gram's device (a new copy unless it is that already)."""
+        return self.weight_in(torch.float64)
+
+    def weight_in(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.source.to(device=self.gram.device, dtype=dtype)
 
     @property
     def whitened(self) -> torch.Tensor:
@@ -161,7 +173,7 @@ class Unit:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.projections[0].weight.shape)
+        return tuple(self.projections[0].source.shape)
 
     @property
     def atom_cost(self) -> int:
@@ -220,7 +232,7 @@ def _residual_spectrum(p: Projection, atoms: torch.Tensor, coeffs: torch.Tensor)
     if len(coeffs) == 0:
         return p.spectrum
     dtype = atoms.dtype
-    residual = p.weight.to(dtype) - torch.tensordot(
+    residual = p.weight_in(dtype) - torch.tensordot(
         coeffs.to(dtype), atoms[: len(coeffs)], dims=1
     )  # (d_out, d_in)
     return squared_singular_values(residual @ p.chol.to(dtype)).double()
@@ -396,9 +408,8 @@ def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str
             gram = stats.grams[t.name].to(torch.float64)
             if id(stats.grams[t.name]) not in cholesky:
                 cholesky[id(stats.grams[t.name])] = cholesky_factor(gram)
-            weight = t.weight.to(device=gram.device, dtype=torch.float64)
             by_role.setdefault(key, []).append(
-                Projection(t.name, t.block, weight, t.bias, gram, cholesky[id(stats.grams[t.name])])
+                Projection(t.name, t.block, t.weight, t.bias, gram, cholesky[id(stats.grams[t.name])])
             )
     return by_role
 
@@ -406,12 +417,13 @@ def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str
 def _correction(unit: Unit, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Block i's approximation (d_out, d_in) float64 and its correction factors (up, down), if any."""
     p = unit.projections[i]
-    shared = p.weight.new_zeros(p.weight.shape)
+    weight = p.weight  # (d_out, d_in) float64
+    shared = torch.zeros_like(weight)
     if unit.atoms is not None:
         shared = torch.tensordot(unit.coefficients[i], unit.atoms, dims=1)  # (d_out, d_in)
     if unit.ranks[i] == 0:
         return shared, None
-    up, down = whitened_lowrank(p.weight - shared, p.chol, unit.ranks[i])  # (d_out, r), (r, d_in)
+    up, down = whitened_lowrank(weight - shared, p.chol, unit.ranks[i])  # (d_out, r), (r, d_in)
     return shared + up @ down, (up, down)
 
 
@@ -468,7 +480,7 @@ def _replacement(blocks_path: str, units: list[Unit]) -> tuple[Replacement, dict
 
 
 def _dense(p: Projection) -> int:
-    return p.weight.numel() + (0 if p.bias is None else p.bias.numel())
+    return p.source.numel() + (0 if p.bias is None else p.bias.numel())
 
 
 def _keep_fractions(by_role: dict, ratio: float, weights: dict[str, float]) -> dict[str, float]:
@@ -480,7 +492,7 @@ def _keep_fractions(by_role: dict, ratio: float, weights: dict[str, float]) -> d
 
 def _energy(projections: list[Projection]) -> float:
     """Whitened energy sum_l tr(W_l G_l W_l^T): the error of dropping the layers (a role's error scale)."""
-    return sum(whitened_error(p.weight, torch.zeros_like(p.weight), p.gram) for p in projections)
+    return sum(whitened_error(w, torch.zeros_like(w), p.gram) for p in projections for w in [p.weight])
 
 
 def _top_up(units: list[Unit], ratio: float, weights: dict[str, float]) -> None:
@@ -543,7 +555,7 @@ def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, fl
     """SVD-LLM's whitened error per layer at the same ratio (its own ranks, in target order); None
     where SVD-LLM cannot reach the ratio."""
     try:
-        ranks = allocate({p.name: rank_knob(*p.weight.shape, p.bias is not None) for p in projections}, ratio)
+        ranks = allocate({p.name: rank_knob(*p.source.shape, p.bias is not None) for p in projections}, ratio)
     except ValueError:
         return None
     return {p.name: _error([p.spectrum], [ranks[p.name]]) for p in projections}
