@@ -8,24 +8,16 @@ import copy
 
 import pytest
 import torch
+from tiny_models import NATIVE_KNOBS
 
 from masa.model import ATTENTION_VARIANTS, MasaLM, MasaLMConfig, generate
 from masa.nn import set_runtime
-
-KNOBS = {
-    "gqa": {"gqa_groups": 2},
-    "lowrank": {"rank": 8},
-    "seq-share": {"n_unique": 2},
-    "cycle-share": {"n_unique": 2},
-    "masa-qkv": {"n_atoms": 2},
-    "masa-qkvo": {"n_atoms": 2},
-}
 
 
 def build(attention: str = "dense", **overrides) -> MasaLM:
     torch.manual_seed(0)
     fields = dict(vocab_size=64, n_layer=4, n_head=4, d_model=32, max_seq_len=16, attention=attention)
-    return MasaLM(MasaLMConfig(**(fields | KNOBS.get(attention, {}) | overrides))).eval()
+    return MasaLM(MasaLMConfig(**(fields | NATIVE_KNOBS.get(attention, {}) | overrides))).eval()
 
 
 def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:

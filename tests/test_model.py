@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import NATIVE_KNOBS
 
 from masa.model import (
     ATTENTION_VARIANTS,
@@ -22,21 +23,12 @@ from masa.model import (
 )
 from masa.nn.shared import AtomDictionary
 
-KNOBS = {
-    "dense": {},
-    "gqa": {"gqa_groups": 2},
-    "lowrank": {"rank": 8},
-    "seq-share": {"n_unique": 2},
-    "cycle-share": {"n_unique": 2},
-    "masa-qkv": {"n_atoms": 2},
-    "masa-qkvo": {"n_atoms": 2},
-}
 SHARED = ("seq-share", "cycle-share", "masa-qkv", "masa-qkvo")
 
 
 def tiny(attention: str = "dense", **overrides) -> MasaLMConfig:
     fields = dict(vocab_size=64, n_layer=4, n_head=4, d_model=32, max_seq_len=16, attention=attention)
-    return MasaLMConfig(**(fields | KNOBS[attention] | overrides))
+    return MasaLMConfig(**(fields | NATIVE_KNOBS[attention] | overrides))
 
 
 def build(attention: str = "dense", seed: int = 0, **overrides) -> MasaLM:

@@ -9,6 +9,16 @@ from masa.arch import linear_weight
 from masa.compress.whitening import whitened_error
 
 VOCAB = 64
+# The knob of each attention variant of a tiny native MasaLM (the tests' d = 32..64 models).
+NATIVE_KNOBS = {
+    "dense": {},
+    "gqa": {"gqa_groups": 2},
+    "lowrank": {"rank": 8},
+    "seq-share": {"n_unique": 2},
+    "cycle-share": {"n_unique": 2},
+    "masa-qkv": {"n_atoms": 2},
+    "masa-qkvo": {"n_atoms": 2},
+}
 _HEADS = dict(vocab_size=VOCAB, num_attention_heads=4)  # hidden 32: head_dim 8
 _DECODER = dict(hidden_size=32, intermediate_size=64, **_HEADS)
 _GEMMA = dict(head_dim=8, num_key_value_heads=2, **_DECODER)
