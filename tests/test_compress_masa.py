@@ -14,6 +14,7 @@ import masa.compress.methods.masa as masa_method
 from masa.arch import find_blocks, get_adapter, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
 from masa.compress.api import resolve_targets
+from masa.compress.layout import resolve_layout
 from masa.compress.methods.masa import MasaOptions, _allocate, _atom_counts, _groupings
 from masa.compress.registry import method_options
 from masa.compress.whitening import whitened_error
@@ -102,13 +103,64 @@ def test_never_worse_than_svd_llm(family, ratio):
     assert report["objective_svd_llm"] == pytest.approx(svd_objective, rel=1e-4)
 
 
-def test_falls_back_to_svd_llm_when_it_scores_better():
+def test_falls_back_to_svd_llm_when_it_scores_better(ids):
     model, config, stats = _prepared("llama")  # nothing shared; the default Q/O tilt loses to uniform ranks
+    svd_model = copy.deepcopy(model)
     result = compress(model, config, stats=stats)
     assert result.report["fallback"] == "svd-llm"
     assert result.report["objective"] <= result.report["objective_masa_plan"]
     assert all(isinstance(model.get_submodule(name), LowRankLinear) for name in stats.grams)
     assert abs(result.ratio_reached - 0.4) <= 0.01
+    svd = compress(svd_model, CompressConfig("svd-llm", 0.4), stats=stats)  # the same fit as svd-llm's own
+    assert result.report["ranks"] == svd.report["ranks"]
+    assert torch.equal(outputs(model, ids), outputs(svd_model, ids))
+
+
+def _random_projections(n: int, d_out: int, d_in: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    projections = []
+    for block in range(n):
+        inputs = torch.randn(4 * d_in, d_in, generator=generator, dtype=torch.float64) * torch.linspace(
+            0.1, 3, d_in
+        )
+        chol, damping = masa_method.damped_cholesky(inputs.T @ inputs)
+        weight = torch.randn(d_out, d_in, generator=generator)
+        projections.append(masa_method.Projection(f"b{block}", block, weight, None, chol, damping))
+    return projections
+
+
+def test_cross_products_are_the_whitened_inner_products(monkeypatch):
+    """<W_j L_l, W_k L_l> for every block l, also when the products are taken over several row slabs."""
+    projections = _random_projections(4, 12, 8)
+    monkeypatch.setattr(masa_method, "CROSS_SLAB", 4 * 8 * 5)  # slabs of 5 rows: 12 = 5 + 5 + 2
+    cross = masa_method.cross_products(projections)
+    for block, q in enumerate(projections):
+        whitened = torch.stack([(p.weight @ q.chol).reshape(-1) for p in projections])  # (n, d_out*d_in)
+        torch.testing.assert_close(cross[block], whitened @ whitened.T, rtol=1e-5, atol=0)
+
+
+def test_atoms_are_the_mean_gram_pca():
+    """The atoms built from the cross products are the matrix PCA of the weights whitened by the mean
+    (damped) Gram: orthonormal there, spanning the top principal subspace."""
+    projections = _random_projections(5, 6, 4)
+    unit = masa_method.Unit("q", "q_proj", projections, masa_method.cross_products(projections))
+    mix = masa_method._mean_gram_atoms(unit.cross, 3)  # (n, 3)
+    mean_chol = torch.linalg.cholesky(torch.stack([p.chol @ p.chol.T for p in projections]).mean(0))
+    whitened_atoms = (unit.combine(mix) @ mean_chol).flatten(1)  # (3, d_out*d_in)
+    torch.testing.assert_close(
+        whitened_atoms @ whitened_atoms.T, torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    stacked = torch.stack([(p.weight @ mean_chol).reshape(-1) for p in projections])  # (n, d_out*d_in)
+    top = torch.linalg.svd(stacked, full_matrices=False)[2][:3]  # (3, d_out*d_in) principal directions
+    torch.testing.assert_close(whitened_atoms.T @ whitened_atoms, top.T @ top, atol=1e-5, rtol=0)
+
+
+def test_consumable_statistics_are_dropped_once_factorised():
+    """A streamed compression's statistics are read once: masa keeps the Cholesky factors, not the Grams."""
+    model, config, stats = _prepared("llama")
+    stats.consumable = True
+    by_role = masa_method._projections(resolve_layout(model, config), stats)
+    assert stats.grams == {} and sum(len(ps) for ps in by_role.values()) == 4 * 4
 
 
 def test_shared_structure_is_found_and_wins():

@@ -25,6 +25,12 @@ def cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
     lambda starts at 1e-6 times the mean |diagonal| and grows tenfold per failed attempt (singular
     Grams are common: dead channels, fewer calibration rows than input features).
     """
+    return damped_cholesky(gram)[0]
+
+
+def damped_cholesky(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``cholesky_factor`` and the damping lambda it added: L L^T - lambda I is the Gram again, so exact
+    output errors tr(D G D^T) = ||D L||^2 - lambda ||D||^2 can be taken from the factor alone."""
     gram = gram.to(torch.float64)
     scale = float(gram.diagonal().abs().mean()) if gram.numel() else 0.0
     if not all_finite(gram) or scale == 0.0:
@@ -47,7 +53,7 @@ def cholesky_factor(gram: torch.Tensor) -> torch.Tensor:
         else:
             chol, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0 and all_finite(chol):
-            return chol
+            return chol, damping
         del chol
         damping *= 10.0
     raise ValueError(

@@ -49,8 +49,9 @@ class CalibrationStats:
         fisher: module name -> row-wise Fisher information (d_out,) float64, for methods that need it
             (``calibration.fisher``); None when not computed.
         consumable: nobody reads these statistics after the method that gets them (one block's, in a
-            block-by-block walk): the method may drop each Gram matrix from ``grams`` once it is done with
-            it, so that a block's (d_in, d_in) matrices are not all held until its last layer is fitted.
+            block-by-block walk, or a streamed statistics pass): the method may drop each Gram matrix from
+            ``grams`` once it is done with it, so that the (d_in, d_in) matrices are not all held until the
+            last layer is fitted.
     """
 
     grams: dict[str, torch.Tensor]

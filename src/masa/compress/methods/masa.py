@@ -11,14 +11,19 @@ For each targeted projection role and each group of consecutive blocks (one dict
    (G_bar = L_bar L_bar^T): atoms E_s of {W_l L_bar}, mapped back as D_s = E_s L_bar^-1.
 3. Coefficients: refit per block by least squares in that block's whitened space,
    min_c ||(W_l - sum_s c_s D_s) L_l||_F (an S x S solve), so a shared atom serves each block's inputs.
+   Both steps work in the span of the group's weights: an atom is a combination sum_j a_j W_j, so the
+   PCA's Gram and every block's least-squares system are quadratic forms in the n x n matrices of
+   whitened inner products <W_j L_l, W_k L_l> (``cross_products``, once per role). Neither the mean
+   Gram nor its factor is formed, the atoms are built only for the chosen S, and every candidate
+   grouping reads the same products; only the residual spectra need (d_out, d_in) work per tried S.
 4. Correction: the block's residual gets SVD-LLM's whitened truncation (``whitened_lowrank``).
 5. Budget (the accounting of docs/compression.md, biases kept and counted as ``masa.compress`` counts them): each role keeps
    (1 - CR) of its size, tilted by ``role_weights`` (Q and O 1.5 x by default, as the paper gives them
    more rank). Per group S runs from 0 (no atoms: SVD-LLM with ranks pooled over the group's blocks)
    to what the group's share affords, the rank left over going to the largest residual singular
    values of its blocks; the S of least whitened error wins. S is searched on a grid (0, 1, 2, 4, ...,
-   the most) refined around the best count, scored in float32, and the winner refitted in float64
-   (``_atom_counts``, ``_fit_unit``). The budget's rounding left over goes to the best further ranks
+   the most) refined around the best count, scored in float32, and the winner's spectra recomputed in
+   float64 (``_atom_counts``, ``_fit_unit``). The budget's rounding left over goes to the best further ranks
    of any layer.
 6. Objective: sum over roles of weight x whitened error / whitened energy (errors of different roles
    live on different scales). When SVD-LLM, with its own ranks at the same ratio, scores better on it
@@ -44,19 +49,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from masa.budget import allocate, rank_knob, spend
+from masa.budget import spend
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
 from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout
-from masa.compress.methods.lowrank import svd_llm
+from masa.compress.methods.lowrank import choose_ranks, truncate
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import cholesky_factor, squared_singular_values, whitened_error, whitened_lowrank
-from masa.sharing.pca import matrix_pca
+from masa.compress.whitening import damped_cholesky, squared_singular_values, whitened_lowrank
 from masa.sharing.surgery import DictionaryPlan, resolve_groups
 
 # ------------------------------------------------------------------------------------------ options
@@ -104,53 +108,77 @@ class MasaOptions:
             raise ValueError(f"option role_weights must map roles to positive numbers, got {weights!r}")
 
 
-# ---------------------------------------------------------------------------------- the layer
-
-
 # ------------------------------------------------------------------------------------ the fit
 
-# Residual spectra are scored in this dtype while searching S; the chosen S is refitted in float64.
+# Residual spectra are scored in this dtype while searching S; the chosen S's are recomputed in float64.
 SEARCH_DTYPE = torch.float32
+# The whitened weights behind the cross products are computed in this dtype (their inner products are
+# summed in float64): float32 halves the search's largest product, and its relative error (~1e-7) moves
+# the least-squares coefficients by as little, the whitened error by its square.
+CROSS_DTYPE = torch.float32
+# Atoms whose share of the group's whitened energy is below this fraction of the first atom's are noise
+# at CROSS_DTYPE's precision (linearly dependent weights, e.g. identical blocks): the search stops there.
+ATOM_FLOOR = 1e-6
+CROSS_SLAB = 2**23  # numbers in the slab of whitened weights the cross products are computed over
 
 
 @dataclass
 class Projection:
-    """One targeted layer and what its fit needs (float64, on its Gram's device).
+    """One targeted layer and what its fit needs: its weight, bias and the Cholesky factor of its inputs.
 
     The weight stays the layer's own tensor (``source``) and is widened to float64 where it is used, so
-    the float64 copies of all roles' weights are never held at once (1.2 GB at d = 1024, 12 blocks).
+    the float64 copies of all roles' weights are never held at once (1.2 GB at d = 1024, 12 blocks). The
+    Gram matrix itself is not kept: every quantity of the fit is taken from the factor.
     """
 
     name: str
     block: int
     source: torch.Tensor  # (d_out, d_in), the layer's own weight in its dtype and device
     bias: torch.Tensor | None  # (d_out,), the layer's own tensor
-    gram: torch.Tensor  # (d_in, d_in)
-    chol: torch.Tensor  # (d_in, d_in) lower, chol chol^T = gram + lambda I
-    _whitened: torch.Tensor | None = field(default=None, repr=False)
+    chol: torch.Tensor  # (d_in, d_in) float64 lower, chol chol^T = gram + damping I
+    damping: float
     _spectrum: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight (d_out, d_in) in float64 on the Gram's device (a new copy unless it is that already)."""
+        """The weight (d_out, d_in) in float64 on the factor's device (a new copy unless it is that already)."""
         return self.weight_in(torch.float64)
 
     def weight_in(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.source.to(device=self.gram.device, dtype=dtype)
-
-    @property
-    def whitened(self) -> torch.Tensor:
-        """W L (d_out, d_in), computed once: every group the layer is tried in starts from it."""
-        if self._whitened is None:
-            self._whitened = self.weight @ self.chol
-        return self._whitened
+        return self.source.to(device=self.chol.device, dtype=dtype)
 
     @property
     def spectrum(self) -> torch.Tensor:
         """Squared singular values of W L (descending), computed once: the residual without atoms."""
         if self._spectrum is None:
-            self._spectrum = squared_singular_values(self.whitened)
+            self._spectrum = squared_singular_values(self.weight @ self.chol)
         return self._spectrum
+
+    def error(self, approx: torch.Tensor) -> float:
+        """Output error on the calibration inputs, tr(D G D^T) = ||D L||_F^2 - damping ||D||_F^2 for
+        D = W - approx (the undamped Gram's, as ``whitening.whitened_error`` measures it)."""
+        delta = self.weight - approx.to(torch.float64)  # (d_out, d_in)
+        return float((delta @ self.chol).square().sum() - self.damping * delta.square().sum())
+
+
+def cross_products(projections: list[Projection]) -> torch.Tensor:
+    """(n, n, n) float64: [l, j, k] = <W_j L_l, W_k L_l>, every weight of a role whitened by block l's inputs.
+
+    Everything the atom search needs besides the residual spectra follows from these n x n matrices:
+    atoms are combinations of the group's weights, so their whitened Gram and their products with a
+    block's weight are quadratic forms in them. Computed a slab of output rows at a time (at most
+    ``CROSS_SLAB`` numbers of whitened weights held at once), in ``CROSS_DTYPE``, summed in float64.
+    """
+    n, (d_out, d_in) = len(projections), projections[0].source.shape
+    cross = torch.zeros(n, n, n, dtype=torch.float64, device=projections[0].chol.device)
+    rows = max(1, CROSS_SLAB // (n * d_in))
+    for start in range(0, d_out, rows):
+        slab = torch.stack([p.source[start : start + rows] for p in projections])  # (n, r, d_in)
+        slab = slab.to(device=cross.device, dtype=CROSS_DTYPE)
+        for block, p in enumerate(projections):
+            whitened = (slab @ p.chol.to(CROSS_DTYPE)).flatten(1).double()  # (n, r*d_in)
+            cross[block] += whitened @ whitened.T
+    return cross
 
 
 @dataclass
@@ -160,8 +188,9 @@ class Unit:
     role: str
     path: str
     projections: list[Projection]
+    cross: torch.Tensor  # (n, n, n): the role's cross products restricted to the group's blocks
     group: int = 0  # index among the role's groups (names the dictionary)
-    atoms: torch.Tensor | None = None  # (S, d_out, d_in) float64
+    mix: torch.Tensor | None = None  # (n, S): atom s = sum_j mix[j, s] W_j
     coefficients: torch.Tensor | None = None  # (n, S)
     spectra: list[torch.Tensor] = field(default_factory=list)  # per block: sigma^2 of its whitened residual
     ranks: list[int] = field(default_factory=list)
@@ -169,7 +198,7 @@ class Unit:
 
     @property
     def n_atoms(self) -> int:
-        return 0 if self.atoms is None else len(self.atoms)
+        return 0 if self.mix is None else self.mix.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -195,46 +224,66 @@ class Unit:
     def stored(self) -> int:
         return self.n_atoms * self.atom_cost + sum(self.ranks) * self.rank_cost + self.biases
 
+    def combine(self, weights: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """sum_j weights[j, ...] W_j: (d_out, d_in) for weights (n,), (S, d_out, d_in) for weights (n, S)."""
+        columns = weights.reshape(len(self.projections), -1).to(dtype)  # (n, m)
+        out = torch.zeros(columns.shape[1], *self.shape, dtype=dtype, device=weights.device)
+        for w, p in zip(columns, self.projections, strict=True):
+            out += w[:, None, None] * p.weight_in(dtype)
+        return out.reshape(*weights.shape[1:], *self.shape)
+
+    @property
+    def atoms(self) -> torch.Tensor | None:
+        """The atoms (S, d_out, d_in) float64, built from the weights."""
+        return None if self.mix is None else self.combine(self.mix)
+
+    def residual_mix(self, i: int, mix: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """(n,) weights of block i's residual W_i - sum_s c_s D_s as a combination of the group's weights,
+        for atoms ``mix`` (n, >= s) and coefficients (s,)."""
+        own = torch.zeros(len(self.projections), dtype=torch.float64, device=mix.device)
+        own[i] = 1.0
+        return own - mix[:, : len(coeffs)] @ coeffs
+
 
 def _budget(units: list[Unit], ratio: float) -> int:
     """Stored numbers left for atoms and corrections: (1 - CR) x dense, less the biases every layer keeps."""
     return math.floor((1.0 - ratio) * sum(u.dense for u in units)) - sum(u.biases for u in units)
 
 
-def _mean_gram_atoms(projections: list[Projection], n_atoms: int) -> torch.Tensor:
-    """S atoms (S, d_out, d_in): matrix PCA of the weights whitened by the group's mean Gram."""
-    weights = torch.stack([p.weight for p in projections])  # (n, d_out, d_in)
-    if n_atoms == 0:
-        return weights[:0]
-    chol = cholesky_factor(torch.stack([p.gram for p in projections]).mean(0))  # (d_in, d_in)
-    whitened_atoms, _ = matrix_pca(weights @ chol, n_atoms)  # (S, d_out, d_in)
-    return torch.linalg.solve_triangular(chol, whitened_atoms, upper=False, left=False)  # D L = E
+def _mean_gram_atoms(cross: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """(n, S) mixes of the first S atoms: uncentred matrix PCA of the group's weights whitened by the mean
+    of its blocks' (damped) Grams, G_bar = mean_l L_l L_l^T. The PCA's n x n Gram is mean_l cross[l]; atom
+    s is sum_j V[j, s] W_j / sqrt(lambda_s), so its whitened form has unit norm as the PCA's atoms do.
+    Atoms past the weights' numerical rank (``ATOM_FLOOR``) are left out."""
+    energy, vectors = torch.linalg.eigh(cross.mean(0))  # ascending
+    energy, vectors = energy.flip(0), vectors.flip(1)
+    kept = int((energy > ATOM_FLOOR * energy[0].clamp_min(0.0)).sum()) if len(energy) else 0
+    n_atoms = min(n_atoms, kept)
+    return vectors[:, :n_atoms] / energy[:n_atoms].sqrt()  # (n, S)
 
 
-def _normal_equations(
-    p: Projection, atoms: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's least-squares system on the atoms in its whitened space, computed in ``dtype``:
-    Gram (S, S) of the whitened atoms D_s L and their products (S,) with W L, both returned in float64."""
-    chol = p.chol.to(dtype)
-    basis = (atoms.to(dtype) @ chol).flatten(1)  # (S, d_out*d_in)
-    return (basis @ basis.T).double(), (basis @ p.whitened.to(dtype).reshape(-1)).double()
+def _normal_equations(cross: torch.Tensor, mix: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block i's least-squares system on the atoms in its whitened space: the Gram (S, S) of the whitened
+    atoms D_s L_i and their products (S,) with W_i L_i, both quadratic forms in block i's cross products."""
+    return mix.T @ cross[i] @ mix, mix.T @ cross[i][:, i]
 
 
 def _coefficients(system: torch.Tensor, target: torch.Tensor, s: int) -> torch.Tensor:
     """Least-squares coefficients (s,) on the first ``s`` atoms (pseudo-inverse: atoms may be dependent)."""
+    if s == 0:
+        return target[:0]
     return torch.linalg.pinv(system[:s, :s], hermitian=True) @ target[:s]
 
 
-def _residual_spectrum(p: Projection, atoms: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """Squared singular values (descending, float64) of the block's whitened residual (W - sum c_s D_s) L,
-    computed in the atoms' dtype; with no coefficients, the layer's own spectrum."""
+def _residual_spectrum(
+    unit: Unit, i: int, mix: torch.Tensor, coeffs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Squared singular values (descending, float64) of block i's whitened residual (W_i - sum c_s D_s) L_i,
+    computed in ``dtype``; with no coefficients, the layer's own spectrum."""
+    p = unit.projections[i]
     if len(coeffs) == 0:
         return p.spectrum
-    dtype = atoms.dtype
-    residual = p.weight_in(dtype) - torch.tensordot(
-        coeffs.to(dtype), atoms[: len(coeffs)], dims=1
-    )  # (d_out, d_in)
+    residual = unit.combine(unit.residual_mix(i, mix, coeffs), dtype)  # (d_out, d_in)
     return squared_singular_values(residual @ p.chol.to(dtype)).double()
 
 
@@ -282,42 +331,41 @@ def _error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
 def _fit_unit(unit: Unit, keep: float) -> Unit:
     """Search the atom count S for the unit at its share ``keep`` x dense of the budget; keep the best fit.
 
-    The search scores each tried S from residual spectra in ``SEARCH_DTYPE`` (float32 halves the cost of
-    the products and eigenvalues); the chosen S is then refitted in float64, so the plan (coefficients,
-    spectra, ranks) is exactly the float64 fit of that S.
+    Atoms, coefficients and their least-squares systems come from the unit's cross products (n x n
+    algebra in float64). The search scores each tried S from residual spectra in ``SEARCH_DTYPE``
+    (float32 halves the cost of the products and eigenvalues); the chosen S's spectra are then
+    recomputed in float64, so its ranks and error are those of the float64 residuals.
     """
     n, budget = len(unit.projections), math.floor(keep * unit.dense) - unit.biases
-    s_max = min(n - 1, max(0, budget // unit.atom_cost))
-    atoms = _mean_gram_atoms(unit.projections, s_max)  # (s_max, d_out, d_in)
+    mix = _mean_gram_atoms(unit.cross, min(n - 1, max(0, budget // unit.atom_cost)))  # (n, s_max)
+    equations = [_normal_equations(unit.cross, mix, i) for i in range(n)]
     costs, weights = [unit.rank_cost] * n, [1.0] * n
-    equations = [_normal_equations(p, atoms, SEARCH_DTYPE) for p in unit.projections] if s_max else []
-    search_atoms = atoms.to(SEARCH_DTYPE)
+
+    def spectra_of(s: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [
+            _residual_spectrum(unit, i, mix, _coefficients(*eq, s), dtype) for i, eq in enumerate(equations)
+        ]
 
     def error_of(s: int) -> float:
-        spectra = [
-            _residual_spectrum(p, search_atoms, _coefficients(*eq, s) if s else atoms.new_zeros(0))
-            for p, eq in zip(unit.projections, equations or [None] * n, strict=True)
-        ]
+        spectra = spectra_of(s, SEARCH_DTYPE)
         found = _allocate(spectra, costs, weights, [int(s == 0)] * n, budget - s * unit.atom_cost)
         if found is None:
             return math.inf
         unit.search[s] = _error(spectra, found)
         return unit.search[s]
 
-    _atom_counts(s_max, error_of)
+    _atom_counts(mix.shape[1], error_of)
     if not unit.search:
         raise ValueError(
             f"keeping {keep:.3g} of {unit.path!r} in blocks {[p.block for p in unit.projections]} affords not "
             "even rank 1 per layer or one shared atom; lower the ratio (or raise the role's weight)"
         )
     best = min(unit.search, key=unit.search.get)
-    unit.atoms = atoms[:best] if best else None
-    exact = [_normal_equations(p, unit.atoms, torch.float64) for p in unit.projections] if best else []
-    unit.coefficients = torch.stack([_coefficients(*eq, best) for eq in exact]) if best else None  # (n, S)
-    unit.spectra = [
-        _residual_spectrum(p, atoms, unit.coefficients[i] if best else atoms.new_zeros(0))
-        for i, p in enumerate(unit.projections)
-    ]
+    unit.mix = mix[:, :best] if best else None
+    unit.coefficients = (
+        torch.stack([_coefficients(*eq, best) for eq in equations]) if best else None
+    )  # (n, S)
+    unit.spectra = spectra_of(best, torch.float64)
     unit.ranks = _allocate(unit.spectra, costs, weights, [int(best == 0)] * n, budget - best * unit.atom_cost)
     unit.search[best] = _error(unit.spectra, unit.ranks)
     return unit
@@ -354,13 +402,21 @@ def _groupings(options: MasaOptions, block_kl: list[float] | None, n_blocks: int
     return [_cut(n_blocks, jumps[: g - 1]) for g in counts]
 
 
-def _split(role: str, path: str, projections: list[Projection], grouping: list[list[int]]) -> list[Unit]:
-    """The units of one role under one grouping (groups with no targeted block are skipped)."""
+def _split(
+    role: str, path: str, projections: list[Projection], cross: torch.Tensor, grouping: list[list[int]]
+) -> list[Unit]:
+    """The units of one role under one grouping (groups with no targeted block are skipped); ``cross`` are
+    the role's cross products (``cross_products``)."""
     covered = {i for g in grouping for i in g}
     if missing := [p.name for p in projections if p.block not in covered]:
         raise ValueError(f"groups {grouping} leave out {missing[:3]}: put every targeted block in a group")
-    members = [[p for p in projections if p.block in group] for group in grouping]
-    return [Unit(role, path, m) for m in members if m]
+    units = []
+    for group in grouping:
+        if at := [i for i, p in enumerate(projections) if p.block in group]:
+            index = torch.tensor(at)
+            members = cross[index][:, index][:, :, index]  # (n, n, n) of the group's blocks
+            units.append(Unit(role, path, [projections[i] for i in at], members))
+    return units
 
 
 def _choose_grouping(
@@ -374,10 +430,11 @@ def _choose_grouping(
     """
     fitted: dict[tuple[int, ...], Unit] = {}  # a group met again in another grouping is fitted once
     best: tuple[float, list[Unit]] | None = None
+    cross = cross_products(projections)  # (n, n, n), shared by every candidate group
     candidates: list[dict] = []
     for grouping in groupings:
         units = []
-        for unit in _split(role, path, projections, grouping):
+        for unit in _split(role, path, projections, cross, grouping):
             key = tuple(p.block for p in unit.projections)
             if key not in fitted:
                 fitted[key] = _fit_unit(unit, keep)
@@ -400,16 +457,26 @@ def _choose_grouping(
 
 
 def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str], list[Projection]]:
-    """The targeted layers grouped by role, with their Grams and Cholesky factors: {(role, path): [...]}."""
+    """The targeted layers grouped by role, with their Cholesky factors: {(role, path): [...]}.
+
+    One factor per distinct input (q/k/v share one). When the statistics are ``consumable`` (a streamed
+    compression: nobody reads them afterwards) each Gram is dropped once factorised, so the Grams and the
+    factors are never all held together (20 GB at the 1B shape).
+    """
     by_role: dict[tuple[str, str], list[Projection]] = {}
-    cholesky: dict[int, torch.Tensor] = {}  # id(gram) -> factor: q/k/v share one input
+    cholesky: dict[str, tuple[torch.Tensor, float]] = {}  # name -> factor of its input and its damping
     for key, targets in layout.by_role("masa").items():
         for t in targets:
-            gram = stats.grams[t.name].to(torch.float64)
-            if id(stats.grams[t.name]) not in cholesky:
-                cholesky[id(stats.grams[t.name])] = cholesky_factor(gram)
+            if t.name not in cholesky:
+                gram = stats.grams[t.name]
+                sharing = [name for name, value in stats.grams.items() if value is gram]
+                cholesky.update(dict.fromkeys(sharing, damped_cholesky(gram)))
+                if stats.consumable:
+                    for name in sharing:
+                        del stats.grams[name]
+                del gram
             by_role.setdefault(key, []).append(
-                Projection(t.name, t.block, t.weight, t.bias, gram, cholesky[id(stats.grams[t.name])])
+                Projection(t.name, t.block, t.weight, t.bias, *cholesky[t.name])
             )
     return by_role
 
@@ -419,8 +486,8 @@ def _correction(unit: Unit, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, t
     p = unit.projections[i]
     weight = p.weight  # (d_out, d_in) float64
     shared = torch.zeros_like(weight)
-    if unit.atoms is not None:
-        shared = torch.tensordot(unit.coefficients[i], unit.atoms, dims=1)  # (d_out, d_in)
+    if unit.mix is not None:
+        shared = unit.combine(unit.mix @ unit.coefficients[i])  # sum_s c_s D_s (d_out, d_in)
     if unit.ranks[i] == 0:
         return shared, None
     up, down = whitened_lowrank(weight - shared, p.chol, unit.ranks[i])  # (d_out, r), (r, d_in)
@@ -450,16 +517,16 @@ def _dictionaries(blocks_path: str, units: list[Unit]) -> Replacement:
 def _replacement(blocks_path: str, units: list[Unit]) -> tuple[Replacement, dict[str, float]]:
     """Every targeted layer's fit as a replacement, and each layer's whitened error."""
     result = Replacement()
-    if shared := [u for u in units if u.atoms is not None]:
+    if shared := [u for u in units if u.mix is not None]:
         result = _dictionaries(blocks_path, shared)
     errors, refined, corrections = {}, [], {}
     for unit in units:
         for i, p in enumerate(unit.projections):
             approx, factors = _correction(unit, i)
-            errors[p.name] = whitened_error(p.weight, approx, p.gram)
+            errors[p.name] = p.error(approx)
             if factors is None:
                 continue
-            if unit.atoms is None:
+            if unit.mix is None:
                 result = result.extend(lowrank_replacement(p.name, *factors, p.bias))
                 continue
             refined.append({"module": p.name, "rank": unit.ranks[i]})
@@ -492,7 +559,7 @@ def _keep_fractions(by_role: dict, ratio: float, weights: dict[str, float]) -> d
 
 def _energy(projections: list[Projection]) -> float:
     """Whitened energy sum_l tr(W_l G_l W_l^T): the error of dropping the layers (a role's error scale)."""
-    return sum(whitened_error(w, torch.zeros_like(w), p.gram) for p in projections for w in [p.weight])
+    return sum(p.error(torch.zeros_like(p.source)) for p in projections)
 
 
 def _top_up(units: list[Unit], ratio: float, weights: dict[str, float]) -> None:
@@ -542,8 +609,6 @@ def _plan(
     chosen = {}
     for (role, path), ps in by_role.items():
         chosen[role] = _choose_grouping(role, path, ps, groupings, keep[role])
-        for p in ps:  # W L served every candidate group of the role; the spectra stay
-            p._whitened = None
     energy = {role: _energy(ps) or 1.0 for (role, _), ps in by_role.items()}
     weights = {role: options.role_weights.get(role, 1.0) / e for role, e in energy.items()}
     units = [u for role_units, _ in chosen.values() for u in role_units]
@@ -551,14 +616,13 @@ def _plan(
     return Plan(units, {role: tried for role, (_, tried) in chosen.items()}, keep, energy, weights)
 
 
-def _svd_llm_errors(projections: list[Projection], ratio: float) -> dict[str, float] | None:
-    """SVD-LLM's whitened error per layer at the same ratio (its own ranks, in target order); None
-    where SVD-LLM cannot reach the ratio."""
+def _svd_llm_ranks(layout: Layout, ratio: float) -> dict[str, int] | None:
+    """SVD-LLM's own ranks at the same ratio (uniform, as ``svd-llm`` chooses them); None where SVD-LLM
+    cannot reach the ratio."""
     try:
-        ranks = allocate({p.name: rank_knob(*p.source.shape, p.bias is not None) for p in projections}, ratio)
+        return choose_ranks(layout.targets, None, ratio, "uniform")
     except ValueError:
         return None
-    return {p.name: _error([p.spectrum], [ranks[p.name]]) for p in projections}
 
 
 def _unit_report(unit: Unit, errors: dict[str, float]) -> dict:
@@ -599,7 +663,10 @@ def compress_masa(layout: Layout, stats: CalibrationStats, config: CompressConfi
     by_role = _projections(layout, stats)
     plan = _plan(by_role, layout.n_blocks, stats.block_kl, config.ratio, options)
     lookup = {p.name: p for ps in by_role.values() for p in ps}
-    svd_errors = _svd_llm_errors([lookup[n] for n in layout.names], config.ratio)
+    svd_ranks = _svd_llm_ranks(layout, config.ratio)
+    svd_errors = None
+    if svd_ranks is not None:  # in target order
+        svd_errors = {n: _error([lookup[n].spectrum], [svd_ranks[n]]) for n in layout.names}
     reference = {
         "role_weights": options.role_weights,
         "error_weights": {p.name: plan.weights[u.role] for u in plan.units for p in u.projections},
@@ -608,8 +675,11 @@ def compress_masa(layout: Layout, stats: CalibrationStats, config: CompressConfi
     }
     planned = plan.planned_errors()
     if svd_errors is not None and plan.objective(svd_errors) < plan.objective(planned):
-        result = svd_llm(layout, stats, replace(config, method="svd-llm", options={}))
+        # svd-llm's own fit (uniform ranks, no refit) on the factors already made
+        result = truncate(layout.targets, svd_ranks, lambda name: lookup[name].chol, in_weight_dtype=True)
         result.report = {
+            "refit": False,
+            "allocation": "uniform",
             **result.report,
             **reference,
             "fallback": "svd-llm",
