@@ -16,7 +16,7 @@ from masa.compress.calibration import (
     save_stats,
 )
 from masa.compress.config import CompressConfig
-from masa.compress.whitening import cholesky_factor, whitened_error, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, damped_cholesky, whiten, whitened_error, whitened_lowrank
 from masa.data.tokenizer import load_tokenizer
 
 
@@ -186,6 +186,22 @@ def test_cholesky_damps_singular_gram_and_refuses_non_gram():
         cholesky_factor(-torch.eye(4))
     with pytest.raises(ValueError, match="zero or not finite"):
         cholesky_factor(torch.zeros(4, 4))
+
+
+def test_damping_is_reported_so_the_gram_can_be_recovered():
+    x = torch.randn(3, 8, dtype=torch.float64)  # rank-deficient: needs damping
+    chol, damping = damped_cholesky(x.T @ x)
+    assert damping > 0 and torch.equal(chol, cholesky_factor(x.T @ x))
+    torch.testing.assert_close(chol @ chol.T - damping * torch.eye(8, dtype=torch.float64), x.T @ x)
+
+
+@pytest.mark.parametrize("shape, d", [((5, 11), 11), ((2, 3, 9), 9), ((4, 3), 3), ((7, 1), 1)])
+def test_triangular_product_equals_the_dense_one(shape, d):
+    """``whiten`` skips the zero blocks of a lower-triangular factor: the dense product, every shape."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    lower = torch.randn(d, d, generator=gen, dtype=torch.float64).tril()
+    torch.testing.assert_close(whiten(x, lower), x @ lower, rtol=1e-12, atol=1e-12)
 
 
 def test_whitened_lowrank_is_exact_at_full_rank_and_optimal():

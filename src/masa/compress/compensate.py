@@ -48,7 +48,7 @@ from masa.compress.config import CompressConfig, parse_compensation
 from masa.compress.install import Replacement, install
 from masa.compress.layout import Layout, resolve_layout
 from masa.compress.methods.lowrank import per_input
-from masa.compress.whitening import cholesky_factor, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, whiten, whitened_lowrank
 from masa.nn.protocol import MasaLinear
 
 SPLITS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # fractions of the stored budget tried for the corrections
@@ -111,7 +111,7 @@ def residual_spectra(
     spectra = {}
     for t in layout.targets:
         error = t.weight.to(torch.float64) - weights[t.name].to(t.weight.device)  # (d_out, d_in)
-        spectra[t.name] = torch.linalg.svdvals(error @ chol(t.name).to(error.device)).square()
+        spectra[t.name] = torch.linalg.svdvals(whiten(error, chol(t.name).to(error.device))).square()
     return spectra
 
 

@@ -25,7 +25,7 @@ from masa.compress.install import Replacement
 from masa.compress.layout import Layout, Target
 from masa.compress.methods.lowrank import per_input, rank_knobs, refit_up, truncate
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import cholesky_factor, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, whiten, whitened_lowrank
 
 # ------------------------------------------------------------------------------------------ groups
 
@@ -68,7 +68,7 @@ class Group:
 
     def stacked(self) -> torch.Tensor:
         """The whitened weights stacked: (n d_out, d_in)."""
-        return torch.cat(self.weights) @ self.chol
+        return whiten(torch.cat(self.weights), self.chol)
 
     def spec(self, **knobs: int) -> dict:
         """JSON-able description for the surgery log and the report."""

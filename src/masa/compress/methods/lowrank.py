@@ -22,7 +22,7 @@ from masa.compress.config import CompressConfig
 from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout, Target
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import cholesky_factor, whitened_lowrank
+from masa.compress.whitening import cholesky_factor, whiten, whitened_lowrank
 
 # ------------------------------------------------------------------------------------------ options
 
@@ -110,7 +110,7 @@ def rank_knobs(targets: list[Target], stats: CalibrationStats | None, spectra: b
         if spectra:
             weight = t.weight.to(torch.float64)
             if chol is not None:
-                weight = weight @ chol(t.name).to(weight.device)
+                weight = whiten(weight, chol(t.name).to(weight.device))
             gains = torch.linalg.svdvals(weight).square()[1 : max_useful_rank(*t.shape)]  # ranks 2 .. useful
         knobs[t.name] = rank_knob(*t.shape, t.bias is not None, gains)
     return knobs

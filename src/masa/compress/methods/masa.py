@@ -60,7 +60,7 @@ from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout
 from masa.compress.methods.lowrank import choose_ranks, truncate
 from masa.compress.registry import method_options, register_method
-from masa.compress.whitening import damped_cholesky, squared_singular_values, whitened_lowrank
+from masa.compress.whitening import damped_cholesky, squared_singular_values, whiten, whitened_lowrank
 from masa.sharing.surgery import DictionaryPlan, resolve_groups
 
 # ------------------------------------------------------------------------------------------ options
@@ -151,14 +151,14 @@ class Projection:
     def spectrum(self) -> torch.Tensor:
         """Squared singular values of W L (descending), computed once: the residual without atoms."""
         if self._spectrum is None:
-            self._spectrum = squared_singular_values(self.weight @ self.chol)
+            self._spectrum = squared_singular_values(whiten(self.weight, self.chol))
         return self._spectrum
 
     def error(self, approx: torch.Tensor) -> float:
         """Output error on the calibration inputs, tr(D G D^T) = ||D L||_F^2 - damping ||D||_F^2 for
         D = W - approx (the undamped Gram's, as ``whitening.whitened_error`` measures it)."""
         delta = self.weight - approx.to(torch.float64)  # (d_out, d_in)
-        return float((delta @ self.chol).square().sum() - self.damping * delta.square().sum())
+        return float(whiten(delta, self.chol).square().sum() - self.damping * delta.square().sum())
 
 
 def cross_products(projections: list[Projection]) -> torch.Tensor:
@@ -176,7 +176,7 @@ def cross_products(projections: list[Projection]) -> torch.Tensor:
         slab = torch.stack([p.source[start : start + rows] for p in projections])  # (n, r, d_in)
         slab = slab.to(device=cross.device, dtype=CROSS_DTYPE)
         for block, p in enumerate(projections):
-            whitened = (slab @ p.chol.to(CROSS_DTYPE)).flatten(1).double()  # (n, r*d_in)
+            whitened = whiten(slab, p.chol.to(CROSS_DTYPE)).flatten(1).double()  # (n, r*d_in)
             cross[block] += whitened @ whitened.T
     return cross
 
@@ -284,7 +284,7 @@ def _residual_spectrum(
     if len(coeffs) == 0:
         return p.spectrum
     residual = unit.combine(unit.residual_mix(i, mix, coeffs), dtype)  # (d_out, d_in)
-    return squared_singular_values(residual @ p.chol.to(dtype)).double()
+    return squared_singular_values(whiten(residual, p.chol.to(dtype))).double()
 
 
 def _atom_counts(s_max: int, error_of: Callable[[int], float]) -> None:
@@ -558,8 +558,9 @@ def _keep_fractions(by_role: dict, ratio: float, weights: dict[str, float]) -> d
 
 
 def _energy(projections: list[Projection]) -> float:
-    """Whitened energy sum_l tr(W_l G_l W_l^T): the error of dropping the layers (a role's error scale)."""
-    return sum(p.error(torch.zeros_like(p.source)) for p in projections)
+    """Whitened energy sum_l tr(W_l G_l W_l^T) = ||W_l L_l||^2 - damping ||W_l||^2: the error of dropping
+    the layers (a role's error scale), from the spectra already computed."""
+    return sum(float(p.spectrum.sum()) - p.damping * float(p.weight.square().sum()) for p in projections)
 
 
 def _top_up(units: list[Unit], ratio: float, weights: dict[str, float]) -> None:
