@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import re
 from collections import defaultdict
 
@@ -219,6 +220,22 @@ def test_searched_plan_equals_the_exhaustive_float64_search(monkeypatch):
         chosen = [(g["blocks"], g["atoms"], g["ranks"]) for g in fast["roles"][role]["groups"]]
         assert chosen == [(g["blocks"], g["atoms"], g["ranks"]) for g in exhaustive["roles"][role]["groups"]]
     assert any(g["atoms"] for role in ("q", "k", "v") for g in fast["roles"][role]["groups"])
+
+
+def test_atom_counts_ruled_out_early_leave_the_plan_unchanged(monkeypatch):
+    """An atom count is dropped once the blocks scored so far already lose to a better count: the same plan."""
+    model, config, stats = _prepared("llama", n_layer=8, structured=("q", "k", "v"), noise=0.3, ratio=0.3)
+    pruned = compress(copy.deepcopy(model), config, stats=stats).report
+    monkeypatch.setattr(masa_method, "_pooled_error", lambda *args: -math.inf)  # never a bound: every block
+    full = compress(model, config, stats=stats).report
+    assert pruned["objective"] == full["objective"]
+    tried = {"pruned": 0, "full": 0}
+    for role in ATTENTION:
+        for name, report in (("pruned", pruned), ("full", full)):
+            tried[name] += sum(len(g["search"]) for g in report["roles"][role]["groups"])
+        chosen = [(g["blocks"], g["atoms"], g["ranks"]) for g in pruned["roles"][role]["groups"]]
+        assert chosen == [(g["blocks"], g["atoms"], g["ranks"]) for g in full["roles"][role]["groups"]]
+    assert tried["pruned"] < tried["full"]  # some counts were ruled out before all their blocks were scored
 
 
 def test_tiny_ratio_reproduces_identical_blocks(ids):

@@ -215,7 +215,10 @@ def spend(costs: list[int], gains: list[torch.Tensor], steps: list[int], left: i
         steps[i] += 1
     left -= int(item_cost[:taken].sum())
     closed: set[int] = set()
+    cheapest = min(costs, default=0)
     for i in owner[order[taken:]].tolist():  # cheaper steps of other knobs may still fit
+        if left < cheapest:
+            break
         if i not in closed and costs[i] <= left:
             steps[i], left = steps[i] + 1, left - costs[i]
         else:

@@ -23,7 +23,8 @@ For each targeted projection role and each group of consecutive blocks (one dict
    to what the group's share affords, the rank left over going to the largest residual singular
    values of its blocks; the S of least whitened error wins. S is searched on a grid (0, 1, 2, 4, ...,
    the most) refined around the best count, scored in float32, and the winner's spectra recomputed in
-   float64 (``_atom_counts``, ``_fit_unit``). The budget's rounding left over goes to the best further ranks
+   float64 (``_atom_counts``, ``_fit_unit``). A count is dropped as soon as the blocks scored so far,
+   given the whole budget, already lose to a count scored before (a lower bound of its error). The budget's rounding left over goes to the best further ranks
    of any layer.
 6. Objective: sum over roles of weight x whitened error / whitened energy (errors of different roles
    live on different scales). When SVD-LLM, with its own ranks at the same ratio, scores better on it
@@ -323,6 +324,18 @@ def _allocate(
     return spend(costs, gains, minimum, budget)[0]
 
 
+def _pooled_error(spectra: list[torch.Tensor], minimum: int, budget: int, cost: int) -> float:
+    """The least whitened error of blocks whose ranks all cost ``cost``: each keeps ``minimum`` ranks, the
+    rest of ``budget`` takes the largest remaining sigma^2 of any of them (what ``_allocate`` does at
+    equal costs), inf when the minimum alone exceeds the budget. Over some of a unit's blocks, with the
+    whole budget less the others' minimum, it is a lower bound of the unit's error."""
+    extra = budget // cost - minimum * len(spectra)
+    if extra < 0:
+        return math.inf
+    rest = torch.cat([s[minimum:] for s in spectra])
+    return float(rest.sum()) - float(rest.topk(min(extra, len(rest))).values.sum())
+
+
 def _error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
     """Whitened error left after keeping the top ``ranks`` singular values of each residual."""
     return sum(float(s[r:].sum()) for s, r in zip(spectra, ranks, strict=True))
@@ -346,12 +359,26 @@ def _fit_unit(unit: Unit, keep: float) -> Unit:
             _residual_spectrum(unit, i, mix, _coefficients(*eq, s), dtype) for i, eq in enumerate(equations)
         ]
 
+    order = sorted(range(n), key=lambda i: -float(unit.projections[i].spectrum.sum()))  # most energy first
+
     def error_of(s: int) -> float:
-        spectra = spectra_of(s, SEARCH_DTYPE)
-        found = _allocate(spectra, costs, weights, [int(s == 0)] * n, budget - s * unit.atom_cost)
+        """The unit's whitened error with s atoms, or a lower bound of it above the best error so far:
+        the blocks' spectra come one at a time, and once the pooled error of those computed (given the
+        whole budget but the others' minimum ranks) exceeds an error already found, s cannot win."""
+        minimum, left = int(s == 0), budget - s * unit.atom_cost
+        best = min(unit.search.values(), default=math.inf)
+        spectra: dict[int, torch.Tensor] = {}
+        for i in order:
+            spectra[i] = _residual_spectrum(unit, i, mix, _coefficients(*equations[i], s), SEARCH_DTYPE)
+            if len(spectra) < n:
+                others = (n - len(spectra)) * minimum * unit.rank_cost
+                bound = _pooled_error(list(spectra.values()), minimum, left - others, unit.rank_cost)
+                if bound > best:
+                    return bound
+        found = _allocate([spectra[i] for i in range(n)], costs, weights, [minimum] * n, left)
         if found is None:
             return math.inf
-        unit.search[s] = _error(spectra, found)
+        unit.search[s] = _error([spectra[i] for i in range(n)], found)
         return unit.search[s]
 
     _atom_counts(mix.shape[1], error_of)
