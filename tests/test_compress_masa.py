@@ -238,6 +238,23 @@ def test_atom_counts_ruled_out_early_leave_the_plan_unchanged(monkeypatch):
     assert tried["pruned"] < tried["full"]  # some counts were ruled out before all their blocks were scored
 
 
+def test_losing_groupings_are_abandoned_and_the_plan_is_unchanged(monkeypatch):
+    """A candidate grouping stops being fitted once it cannot beat the one before it: the same plan."""
+    model, config, stats = _prepared("llama", n_layer=8, structured=("q", "k", "v"), noise=0.3, ratio=0.3)
+    abandoned = compress(copy.deepcopy(model), config, stats=stats).report
+    monkeypatch.setattr(masa_method, "_pooled_error", lambda *args: -math.inf)  # never a bound
+    full = compress(model, config, stats=stats).report
+    assert abandoned["objective"] == full["objective"]
+    for role in ATTENTION:
+        kept, every = abandoned["roles"][role]["groupings"], full["roles"][role]["groupings"]
+        assert [c["groups"] for c in kept] == [c["groups"] for c in every]
+        for short, whole in zip(kept, every, strict=True):  # a candidate left unfinished lost
+            assert short["whitened_error"] in (None, whole["whitened_error"])
+        chosen = [(g["blocks"], g["atoms"], g["ranks"]) for g in abandoned["roles"][role]["groups"]]
+        assert chosen == [(g["blocks"], g["atoms"], g["ranks"]) for g in full["roles"][role]["groups"]]
+    assert any(c["whitened_error"] is None for r in ATTENTION for c in abandoned["roles"][r]["groupings"])
+
+
 def test_tiny_ratio_reproduces_identical_blocks(ids):
     model, config, stats = _prepared("llama", structured=ATTENTION, noise=0.0, ratio=1e-3)
     reference = outputs(model, ids)

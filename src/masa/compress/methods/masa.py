@@ -24,8 +24,9 @@ For each targeted projection role and each group of consecutive blocks (one dict
    values of its blocks; the S of least whitened error wins. S is searched on a grid (0, 1, 2, 4, ...,
    the most) refined around the best count, scored in float32, and the winner's spectra recomputed in
    float64 (``_atom_counts``, ``_fit_unit``). A count is dropped as soon as the blocks scored so far,
-   given the whole budget, already lose to a count scored before (a lower bound of its error). The budget's rounding left over goes to the best further ranks
-   of any layer.
+   given the whole budget, already lose to a count scored before (a lower bound of its error), and a
+   candidate grouping as soon as its groups can no longer beat the grouping before it (step 1). The
+   budget's rounding left over goes to the best further ranks of any layer.
 6. Objective: sum over roles of weight x whitened error / whitened energy (errors of different roles
    live on different scales). When SVD-LLM, with its own ranks at the same ratio, scores better on it
    (rank rounding on tiny layers, or the role tilt on blocks that share nothing), ``masa`` runs
@@ -155,11 +156,12 @@ class Projection:
             self._spectrum = squared_singular_values(whiten(self.weight, self.chol))
         return self._spectrum
 
-    def error(self, approx: torch.Tensor) -> float:
+    def error(self, approx: torch.Tensor, whitened: float) -> float:
         """Output error on the calibration inputs, tr(D G D^T) = ||D L||_F^2 - damping ||D||_F^2 for
-        D = W - approx (the undamped Gram's, as ``whitening.whitened_error`` measures it)."""
+        D = W - approx (the undamped Gram's, as ``whitening.whitened_error`` measures it), given
+        ``whitened`` = ||D L||_F^2: what a whitened truncation leaves, the tail of the residual's spectrum."""
         delta = self.weight - approx.to(torch.float64)  # (d_out, d_in)
-        return float(whiten(delta, self.chol).square().sum() - self.damping * delta.square().sum())
+        return whitened - self.damping * float(delta.square().sum())
 
 
 def cross_products(projections: list[Projection]) -> torch.Tensor:
@@ -341,13 +343,17 @@ def _error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
     return sum(float(s[r:].sum()) for s, r in zip(spectra, ranks, strict=True))
 
 
-def _fit_unit(unit: Unit, keep: float) -> Unit:
+def _fit_unit(unit: Unit, keep: float, ceiling: float = math.inf) -> Unit | None:
     """Search the atom count S for the unit at its share ``keep`` x dense of the budget; keep the best fit.
 
     Atoms, coefficients and their least-squares systems come from the unit's cross products (n x n
     algebra in float64). The search scores each tried S from residual spectra in ``SEARCH_DTYPE``
     (float32 halves the cost of the products and eigenvalues); the chosen S's spectra are then
     recomputed in float64, so its ranks and error are those of the float64 residuals.
+
+    With a finite ``ceiling`` the fit only matters if it scores below it (the error the rest of a
+    candidate grouping leaves to this unit): counts are dropped as soon as they are shown to score above
+    it, and None is returned when none scores below it.
     """
     n, budget = len(unit.projections), math.floor(keep * unit.dense) - unit.biases
     mix = _mean_gram_atoms(unit.cross, min(n - 1, max(0, budget // unit.atom_cost)))  # (n, s_max)
@@ -360,13 +366,14 @@ def _fit_unit(unit: Unit, keep: float) -> Unit:
         ]
 
     order = sorted(range(n), key=lambda i: -float(unit.projections[i].spectrum.sum()))  # most energy first
+    dropped: list[int] = []  # counts shown to lose before all their spectra were computed
 
     def error_of(s: int) -> float:
         """The unit's whitened error with s atoms, or a lower bound of it above the best error so far:
         the blocks' spectra come one at a time, and once the pooled error of those computed (given the
         whole budget but the others' minimum ranks) exceeds an error already found, s cannot win."""
         minimum, left = int(s == 0), budget - s * unit.atom_cost
-        best = min(unit.search.values(), default=math.inf)
+        best = min([ceiling, *unit.search.values()])
         spectra: dict[int, torch.Tensor] = {}
         for i in order:
             spectra[i] = _residual_spectrum(unit, i, mix, _coefficients(*equations[i], s), SEARCH_DTYPE)
@@ -374,6 +381,7 @@ def _fit_unit(unit: Unit, keep: float) -> Unit:
                 others = (n - len(spectra)) * minimum * unit.rank_cost
                 bound = _pooled_error(list(spectra.values()), minimum, left - others, unit.rank_cost)
                 if bound > best:
+                    dropped.append(s)
                     return bound
         found = _allocate([spectra[i] for i in range(n)], costs, weights, [minimum] * n, left)
         if found is None:
@@ -382,6 +390,8 @@ def _fit_unit(unit: Unit, keep: float) -> Unit:
         return unit.search[s]
 
     _atom_counts(mix.shape[1], error_of)
+    if min(unit.search.values(), default=math.inf) > ceiling and (dropped or unit.search):
+        return None
     if not unit.search:
         raise ValueError(
             f"keeping {keep:.3g} of {unit.path!r} in blocks {[p.block for p in unit.projections]} affords not "
@@ -453,28 +463,34 @@ def _choose_grouping(
 
     Candidates come in order of more groups (``auto`` cuts one more drift each time); the search stops
     at the first that scores worse than the one before it: a further cut splits a group again, and on
-    every model measured the error only rose from there (docs/results/scale/README.md).
+    every model measured the error only rose from there (docs/results/scale/README.md). A candidate's
+    groups are fitted smallest first, and the rest are fitted only while they can still beat the
+    candidate before it (``_fit_unit``'s ceiling): a losing candidate is abandoned, its error left
+    unknown (None in the report).
     """
     fitted: dict[tuple[int, ...], Unit] = {}  # a group met again in another grouping is fitted once
     best: tuple[float, list[Unit]] | None = None
     cross = cross_products(projections)  # (n, n, n), shared by every candidate group
     candidates: list[dict] = []
     for grouping in groupings:
-        units = []
-        for unit in _split(role, path, projections, cross, grouping):
-            key = tuple(p.block for p in unit.projections)
-            if key not in fitted:
-                fitted[key] = _fit_unit(unit, keep)
-            units.append(fitted[key])
-        error = sum(u.search[u.n_atoms] for u in units)
-        worse = bool(candidates) and error > candidates[-1]["whitened_error"]
-        candidates.append(
-            {"groups": [[p.block for p in u.projections] for u in units], "whitened_error": error}
-        )
-        if best is None or error < best[0]:
-            best = (error, units)
-        if worse:
+        units = _split(role, path, projections, cross, grouping)
+        keys = [tuple(p.block for p in u.projections) for u in units]
+        ceiling = best[0] if best else math.inf  # the candidate before this one, the best so far
+        error = 0.0
+        for at in sorted(range(len(units)), key=lambda at: (keys[at] not in fitted, len(keys[at]))):
+            if keys[at] not in fitted:
+                fit = _fit_unit(units[at], keep, ceiling - error)
+                if fit is None:
+                    error = None
+                    break
+                fitted[keys[at]] = fit
+            units[at] = fitted[keys[at]]
+            error += units[at].search[units[at].n_atoms]
+        candidates.append({"groups": [list(k) for k in keys], "whitened_error": error})
+        if error is None or error > ceiling:
             break
+        if error < ceiling:
+            best = (error, units)
     for g, unit in enumerate(best[1]):
         unit.group = g
     return best[1], candidates
@@ -551,7 +567,7 @@ def _replacement(blocks_path: str, units: list[Unit]) -> tuple[Replacement, dict
     for unit in units:
         for i, p in enumerate(unit.projections):
             approx, factors = _correction(unit, i)
-            errors[p.name] = p.error(approx)
+            errors[p.name] = p.error(approx, float(unit.spectra[i][unit.ranks[i] :].sum()))
             del approx
             if factors is None:
                 continue
