@@ -15,6 +15,7 @@ import masa.compress.methods.masa as masa_method
 from masa.arch import find_blocks, get_adapter, linear_weight
 from masa.compress import CompressConfig, calibrate, compress
 from masa.compress.api import resolve_targets
+from masa.compress.factors import FactorStore
 from masa.compress.layout import resolve_layout
 from masa.compress.methods.masa import MasaOptions, _allocate, _atom_counts, _groupings
 from masa.compress.registry import method_options
@@ -117,27 +118,56 @@ def test_falls_back_to_svd_llm_when_it_scores_better(ids):
     assert torch.equal(outputs(model, ids), outputs(svd_model, ids))
 
 
-def _random_projections(n: int, d_out: int, d_in: int) -> list:
+def _random_projections(n: int, d_out: int, d_in: int, scratch=None) -> list:
     generator = torch.Generator().manual_seed(0)
-    projections = []
+    projections, factors = [], FactorStore(scratch)
     for block in range(n):
         inputs = torch.randn(4 * d_in, d_in, generator=generator, dtype=torch.float64) * torch.linspace(
             0.1, 3, d_in
         )
         chol, damping = masa_method.damped_cholesky(inputs.T @ inputs)
+        factors.add(f"b{block}", chol)
         weight = torch.randn(d_out, d_in, generator=generator)
-        projections.append(masa_method.Projection(f"b{block}", block, weight, None, chol, damping))
+        projections.append(
+            masa_method.Projection(f"b{block}", block, weight, None, factors, f"b{block}", damping)
+        )
     return projections
 
 
-def test_cross_products_are_the_whitened_inner_products(monkeypatch):
-    """<W_j L_l, W_k L_l> for every block l, also when the products are taken over several row slabs."""
-    projections = _random_projections(4, 12, 8)
+@pytest.mark.parametrize("in_files", [False, True])
+def test_cross_products_are_the_whitened_inner_products(monkeypatch, tmp_path, in_files):
+    """<W_j L_l, W_k L_l> for every block l, also when the products are taken over several row slabs and
+    the factors are read from scratch files."""
+    projections = _random_projections(4, 12, 8, tmp_path if in_files else None)
     monkeypatch.setattr(masa_method, "CROSS_SLAB", 4 * 8 * 5)  # slabs of 5 rows: 12 = 5 + 5 + 2
     cross = masa_method.cross_products(projections)
     for block, q in enumerate(projections):
         whitened = torch.stack([(p.weight @ q.chol).reshape(-1) for p in projections])  # (n, d_out*d_in)
         torch.testing.assert_close(cross[block], whitened @ whitened.T, rtol=1e-5, atol=0)
+    assert len(list(tmp_path.glob("*.safetensors"))) == (4 if in_files else 0)
+
+
+def test_factors_in_scratch_files_give_the_same_fit(tmp_path):
+    """A streamed fit keeps the Cholesky factors in files: the same replacement to the bit, none held."""
+    model, config, stats = _prepared("llama", n_layer=6, structured=ATTENTION, noise=0.3, ratio=0.3)
+    held = compress(copy.deepcopy(model), config, stats=stats).report
+    stats.scratch = tmp_path / "scratch"
+    streamed = compress(model, config, stats=stats).report
+    assert streamed == held
+    assert len(list(stats.scratch.glob("factor-*.safetensors"))) == 6 * 2  # q/k/v share one input, o one
+
+
+def test_factor_store_reads_one_factor_at_a_time(tmp_path):
+    lower = torch.linalg.cholesky(torch.eye(5, dtype=torch.float64) * 2 + 0.1)
+    store = FactorStore(tmp_path)
+    store.add("a", lower)
+    store.add("b", 2 * lower)
+    assert torch.equal(store.get("a"), lower) and torch.equal(
+        store.get("b", torch.float32), (2 * lower).float()
+    )
+    assert store.get("a") is store.get("a")  # read once while it is the last one used
+    assert {key for key, _ in store._last.values()} == {"a", "b"}  # one per precision, no more
+    assert store.get("a", torch.float32).dtype == torch.float32 and store._held == {}
 
 
 def test_atoms_are_the_mean_gram_pca():

@@ -175,6 +175,7 @@ def _fit_groups(
         stats_access = StreamedBlocks(streamed, blocks_path, None, access.meter)  # read, calibrate, free
         stats = calibrate(model, tokens, names, progress=progress, access=stats_access)
         stats.consumable = True  # read by the one fit below only: it may drop each Gram once done with it
+        stats.scratch = access.writer.staging / "scratch"  # removed with the staging directory
         read = stats_access.read_seconds
         seconds["calibration"] = time.perf_counter() - start - read  # the reads are counted apart
     for i in range(len(blocks)):

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class CalibrationStats:
             block-by-block walk, or a streamed statistics pass): the method may drop each Gram matrix from
             ``grams`` once it is done with it, so that the (d_in, d_in) matrices are not all held until the
             last layer is fitted.
+        scratch: a directory where a method may keep what it derives from these statistics (Cholesky
+            factors) in files rather than in memory; set by streamed compressions, removed after them.
     """
 
     grams: dict[str, torch.Tensor]
@@ -65,6 +68,7 @@ class CalibrationStats:
     streamed: bool = field(default=True, compare=False)
     fisher: dict[str, torch.Tensor] | None = field(default=None, compare=False)
     consumable: bool = field(default=False, compare=False)
+    scratch: Path | None = field(default=None, compare=False)
 
     def check_rows(self, widths: dict[str, int]) -> None:
         """Warn when fewer rows were seen than a targeted layer has inputs (``widths``: name -> d_in): its

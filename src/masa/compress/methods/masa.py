@@ -58,6 +58,7 @@ import torch
 from masa.budget import spend
 from masa.compress.calibration import CalibrationStats
 from masa.compress.config import CompressConfig
+from masa.compress.factors import FactorStore
 from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout
 from masa.compress.methods.lowrank import choose_ranks, truncate
@@ -130,16 +131,27 @@ class Projection:
 
     The weight stays the layer's own tensor (``source``) and is widened to float64 where it is used, so
     the float64 copies of all roles' weights are never held at once (1.2 GB at d = 1024, 12 blocks). The
-    Gram matrix itself is not kept: every quantity of the fit is taken from the factor.
+    Gram matrix itself is not kept: every quantity of the fit is taken from the factor, which stays in
+    ``factors`` (in files in a streamed compression) and is read when used.
     """
 
     name: str
     block: int
     source: torch.Tensor  # (d_out, d_in), the layer's own weight in its dtype and device
     bias: torch.Tensor | None  # (d_out,), the layer's own tensor
-    chol: torch.Tensor  # (d_in, d_in) float64 lower, chol chol^T = gram + damping I
+    factors: FactorStore
+    key: str  # of its input's factor L in ``factors``: L L^T = gram + damping I
     damping: float
     _spectrum: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def chol(self) -> torch.Tensor:
+        """The factor (d_in, d_in) float64 lower."""
+        return self.factors.get(self.key)
+
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """The factor in ``dtype``."""
+        return self.factors.get(self.key, dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,7 +159,7 @@ class Projection:
         return self.weight_in(torch.float64)
 
     def weight_in(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.source.to(device=self.chol.device, dtype=dtype)
+        return self.source.to(device=self.factors.device, dtype=dtype)
 
     @property
     def spectrum(self) -> torch.Tensor:
@@ -170,16 +182,18 @@ def cross_products(projections: list[Projection]) -> torch.Tensor:
     Everything the atom search needs besides the residual spectra follows from these n x n matrices:
     atoms are combinations of the group's weights, so their whitened Gram and their products with a
     block's weight are quadratic forms in them. Computed a slab of output rows at a time (at most
-    ``CROSS_SLAB`` numbers of whitened weights held at once), in ``CROSS_DTYPE``, summed in float64.
+    ``CROSS_SLAB`` numbers of whitened weights held at once), in ``CROSS_DTYPE``, summed in float64; one
+    block's factor at a time.
     """
     n, (d_out, d_in) = len(projections), projections[0].source.shape
-    cross = torch.zeros(n, n, n, dtype=torch.float64, device=projections[0].chol.device)
+    cross = torch.zeros(n, n, n, dtype=torch.float64, device=projections[0].factors.device)
     rows = max(1, CROSS_SLAB // (n * d_in))
-    for start in range(0, d_out, rows):
-        slab = torch.stack([p.source[start : start + rows] for p in projections])  # (n, r, d_in)
-        slab = slab.to(device=cross.device, dtype=CROSS_DTYPE)
-        for block, p in enumerate(projections):
-            whitened = whiten(slab, p.chol.to(CROSS_DTYPE)).flatten(1).double()  # (n, r*d_in)
+    for block, p in enumerate(projections):
+        lower = p.factor(CROSS_DTYPE)
+        for start in range(0, d_out, rows):
+            slab = torch.stack([q.source[start : start + rows] for q in projections])  # (n, r, d_in)
+            slab = slab.to(device=cross.device, dtype=CROSS_DTYPE)
+            whitened = whiten(slab, lower).flatten(1).double()  # (n, r*d_in)
             cross[block] += whitened @ whitened.T
     return cross
 
@@ -287,7 +301,7 @@ def _residual_spectrum(
     if len(coeffs) == 0:
         return p.spectrum
     residual = unit.combine(unit.residual_mix(i, mix, coeffs), dtype)  # (d_out, d_in)
-    return squared_singular_values(whiten(residual, p.chol.to(dtype))).double()
+    return squared_singular_values(whiten(residual, p.factor(dtype))).double()
 
 
 def _atom_counts(s_max: int, error_of: Callable[[int], float]) -> None:
@@ -502,24 +516,28 @@ def _choose_grouping(
 def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str], list[Projection]]:
     """The targeted layers grouped by role, with their Cholesky factors: {(role, path): [...]}.
 
-    One factor per distinct input (q/k/v share one). When the statistics are ``consumable`` (a streamed
-    compression: nobody reads them afterwards) each Gram is dropped once factorised, so the Grams and the
-    factors are never all held together (20 GB at the 1B shape).
+    One factor per distinct input (q/k/v share one), kept in the statistics' scratch directory when they
+    have one (``FactorStore``). When the statistics are ``consumable`` (a streamed compression: nobody
+    reads them afterwards) each Gram is dropped once factorised, so the Grams and the factors are never
+    all held together (20 GB at the 1B shape).
     """
     by_role: dict[tuple[str, str], list[Projection]] = {}
-    cholesky: dict[str, tuple[torch.Tensor, float]] = {}  # name -> factor of its input and its damping
+    factors = FactorStore(stats.scratch, copies=tuple({CROSS_DTYPE, SEARCH_DTYPE}))
+    cholesky: dict[str, tuple[str, float]] = {}  # name -> key of its input's factor and its damping
     for key, targets in layout.by_role("masa").items():
         for t in targets:
             if t.name not in cholesky:
                 gram = stats.grams[t.name]
                 sharing = [name for name, value in stats.grams.items() if value is gram]
-                cholesky.update(dict.fromkeys(sharing, damped_cholesky(gram)))
+                chol, damping = damped_cholesky(gram)
+                factors.add(t.name, chol)
+                cholesky.update(dict.fromkeys(sharing, (t.name, damping)))
                 if stats.consumable:
                     for name in sharing:
                         del stats.grams[name]
-                del gram
+                del gram, chol
             by_role.setdefault(key, []).append(
-                Projection(t.name, t.block, t.weight, t.bias, *cholesky[t.name])
+                Projection(t.name, t.block, t.weight, t.bias, factors, *cholesky[t.name])
             )
     return by_role
 
