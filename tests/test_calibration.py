@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from tiny_models import FAMILIES, build
@@ -245,3 +248,18 @@ def test_cache_key_follows_the_weights_not_their_size_or_mtime(tmp_path):
         tmp_path / "b" / "model.safetensors"
     ).stat().st_size
     assert a != b and a == calibration_cache_key(tmp_path / "a", tokens, names)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the kernel's high-water mark")
+def test_peak_memory_sees_a_peak_between_samples():
+    """Memory taken and given back between two samples (inside a fit) still counts: the kernel's VmHWM."""
+    script = (
+        "import torch\n"
+        "from masa.compress.calibration.collect import PeakMemory\n"
+        "meter = PeakMemory(torch.device('cpu'))\n"
+        "big = torch.ones(2**25, dtype=torch.float64)  # 256 MiB, touched\n"
+        "del big\n"
+        "print(meter.bytes())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(done.stdout.strip()) >= 200 * 2**20

@@ -100,7 +100,12 @@ class CalibrationStats:
 
 
 class PeakMemory:
-    """Peak memory above the starting point: the CUDA allocator's peak, else sampled process RSS."""
+    """Peak memory above the starting point: the CUDA allocator's peak, else process RSS.
+
+    On the CPU the RSS is sampled where the caller asks (``sample``), and on Linux the kernel's own
+    high-water mark (VmHWM) is read too: once it rises above its value at the start, it is the peak of
+    this span, including the moments between samples (the inside of a fit).
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -110,6 +115,7 @@ class PeakMemory:
         else:
             self.base = self._rss()
         self.device, self.peak = device, self.base
+        self.high_water = self._high_water()
 
     @staticmethod
     def _rss() -> int:
@@ -119,12 +125,27 @@ class PeakMemory:
         except OSError:  # not Linux: the lifetime high-water mark is the best available
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    @staticmethod
+    def _high_water() -> int | None:
+        """The process's peak RSS so far (VmHWM), None where /proc does not give it."""
+        try:
+            with open("/proc/self/status") as fh:
+                line = next(line for line in fh if line.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024  # kB
+        except (OSError, StopIteration, ValueError):
+            return None
+
     def sample(self) -> None:
         if not self.cuda:
             self.peak = max(self.peak, self._rss())
 
     def bytes(self) -> int:
-        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.peak
+        if self.cuda:
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        self.sample()
+        peak, high_water = self.peak, self._high_water()
+        if high_water is not None and self.high_water is not None and high_water > self.high_water:
+            peak = max(peak, high_water)  # a new high since the start: reached inside this span
         return max(0, peak - self.base)
 
 
