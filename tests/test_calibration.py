@@ -15,9 +15,11 @@ from masa.compress.calibration import (
     cached_calibrate,
     calibrate,
     calibration_cache_key,
+    collect,
     load_stats,
     save_stats,
 )
+from masa.compress.calibration.gram_files import GramFiles, same_input, write_gram
 from masa.compress.config import CompressConfig
 from masa.compress.whitening import cholesky_factor, damped_cholesky, whiten, whitened_error, whitened_lowrank
 from masa.data.tokenizer import load_tokenizer
@@ -76,6 +78,30 @@ def test_modules_fed_one_input_share_one_gram(family, tokens):
         if "gate" in gram:
             assert gram["gate"] is gram["up"]
     assert len({id(g) for g in stats.grams.values()}) == len(blocks) * 4  # qkv, o, (gate+)up, down
+
+
+def test_grams_written_to_scratch_files_block_by_block(tokens, tmp_path, monkeypatch):
+    """With a scratch directory each block's Grams go to files as the block finishes (none held in memory
+    afterwards) and read back equal; names fed one input still share one Gram."""
+    model = build("llama", n_layer=3)
+    names = _targets(model)
+    held = calibrate(model, tokens, names)
+    written = []
+    monkeypatch.setattr(
+        collect, "write_gram", lambda path, gram: written.append(path) or write_gram(path, gram)
+    )
+    stats = calibrate(model, tokens, names, scratch=tmp_path)
+    assert (
+        isinstance(stats.grams, GramFiles) and len(written) == 3 * 4 and set(stats.grams) == set(held.grams)
+    )
+    for name in names:
+        assert torch.equal(stats.grams[name], held.grams[name])
+        assert sorted(same_input(stats.grams, name)) == sorted(same_input(held.grams, name))
+    path, _ = find_blocks(model)
+    q, k = stats.grams[f"{path}.0.self_attn.q_proj"], stats.grams[f"{path}.0.self_attn.k_proj"]
+    assert q is k  # one tensor while it is held, as in memory
+    del stats.grams[f"{path}.0.self_attn.q_proj"]
+    assert f"{path}.0.self_attn.q_proj" not in stats.grams and len(stats.grams) == len(names) - 1
 
 
 def test_logit_lens_kl_matches_hidden_states(tokens):

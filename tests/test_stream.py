@@ -47,6 +47,9 @@ def test_streamed_model_reads_what_load_reads(writer, tmp_path):
         ("sharded", "svd-llm", "all-linear", "sequential"),
         ("bf16", "asvd", "attn", "sequential"),  # per-layer methods stream block by block in either mode
         ("tied", "masa", "attn", None),  # a statistics pass, then all blocks fitted together
+        ("sharded", "masa", "all-linear", None),  # the Grams and factors in scratch files
+        ("bf16", "basis-sharing", "attn", None),
+        ("sharded", "cospadi", "attn", None),
     ],
 )
 def test_streamed_compression_equals_in_memory(writer, method, targets, mode, tokens, tmp_path):

@@ -173,9 +173,11 @@ def _fit_groups(
     if method.needs:
         start = time.perf_counter()
         stats_access = StreamedBlocks(streamed, blocks_path, None, access.meter)  # read, calibrate, free
-        stats = calibrate(model, tokens, names, progress=progress, access=stats_access)
+        scratch = access.writer.staging / "scratch"  # removed with the staging directory
+        # each block's Grams go to files as it finishes: a whole model's are never in memory together
+        stats = calibrate(model, tokens, names, progress=progress, access=stats_access, scratch=scratch)
         stats.consumable = True  # read by the one fit below only: it may drop each Gram once done with it
-        stats.scratch = access.writer.staging / "scratch"  # removed with the staging directory
+        stats.scratch = scratch
         read = stats_access.read_seconds
         seconds["calibration"] = time.perf_counter() - start - read  # the reads are counted apart
     for i in range(len(blocks)):
@@ -185,6 +187,7 @@ def _fit_groups(
     layout = resolve_layout(model, config)  # the weights are loaded now
     with torch.no_grad():
         replacement = method.fn(layout, stats, config)
+    del layout  # its targets hold the original weights: each goes as install replaces its layer
     install(model, replacement)
     seconds["factorisation"] = time.perf_counter() - start
     for i in range(len(blocks)):

@@ -17,7 +17,7 @@ import os
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from masa.arch import find_blocks, get_adapter
+from masa.compress.calibration.gram_files import GramFiles, write_gram
 
 LENS_CHUNK = 1024  # tokens per logit-lens chunk: bounds the (chunk, vocab) logits held at once
 LENS_TOKENS = 1024  # about this many evenly spaced tokens per block score the logit-lens drift
@@ -37,7 +38,9 @@ class CalibrationStats:
 
     Attributes:
         grams: module name -> X^T X (d_in, d_in) float64, summed over rows; modules fed the same input
-            (q/k/v of a block; gate/up) share one tensor object.
+            (q/k/v of a block; gate/up) share one tensor object (``gram_files.same_input`` names them).
+            A dict, or ``GramFiles`` (read from files when asked) after a calibration with a scratch
+            directory.
         abs_mean: module name -> mean |x| per input channel (d_in,) float64 (ASVD's scales); shared
             like ``grams``.
         n_rows: calibration rows accumulated (tokens; for images, patch tokens and class tokens).
@@ -57,7 +60,7 @@ class CalibrationStats:
             factors) in files rather than in memory; set by streamed compressions, removed after them.
     """
 
-    grams: dict[str, torch.Tensor]
+    grams: Mapping[str, torch.Tensor]
     abs_mean: dict[str, torch.Tensor]
     n_rows: int
     block_kl: list[float] | None
@@ -164,8 +167,10 @@ class Accumulator:
     upcast first) and the batches are summed in float64 (on the CPU for MPS, which has no float64).
     """
 
-    def __init__(self, meter: PeakMemory):
+    def __init__(self, meter: PeakMemory, scratch: Path | None = None):
         self.grams: dict[str, torch.Tensor] = {}
+        self.scratch = scratch  # where finished Grams go (``spill``); None keeps them in memory
+        self._files: dict[str, Path] = {}  # owner -> file of its spilled Gram
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.meter = meter
         self.sum_device = sum_device(meter.device)
@@ -209,10 +214,26 @@ class Accumulator:
 
         return hook
 
-    def shared(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-        """Per module name: its Gram and mean |x| (one tensor object per distinct input); the rows seen."""
+    def spill(self, names: list[str]) -> None:
+        """With a scratch directory: write the Grams of the modules ``names`` (finished: their block will
+        not run again) to files and drop them from memory."""
+        if self.scratch is None:
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        for owner in dict.fromkeys(self._owner[n] for n in names if n in self._owner):
+            if owner in self.grams:
+                self._files[owner] = self.scratch / f"gram-{len(self._files):05d}.safetensors"
+                write_gram(self._files[owner], self.grams.pop(owner))
+
+    def shared(self) -> tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """Per module name: its Gram and mean |x| (one tensor object per distinct input); the rows seen.
+        With a scratch directory the Grams stay in their files (``GramFiles``)."""
         means = {owner: total / self.rows[owner] for owner, total in self.abs_sums.items()}
-        grams = {name: self.grams[owner] for name, owner in self._owner.items()}
+        if self.scratch is not None:
+            self.spill(list(self._owner))
+            grams = GramFiles(self._files, self._owner, self.sum_device)
+        else:
+            grams = {name: self.grams[owner] for name, owner in self._owner.items()}
         n_rows = max(self.rows.values(), default=0)
         return grams, {name: means[owner] for name, owner in self._owner.items()}, n_rows
 
@@ -356,13 +377,16 @@ def calibrate(
     batch_size: int = 8,
     progress: Callable[[Iterator], Iterator] | None = None,
     access: BlockAccess | None = None,
+    scratch: Path | None = None,
 ) -> CalibrationStats:
     """Gram matrices and channel scales of the inputs of ``module_names`` over ``tokens``: token ids
     (N, T), or images (N, C, H, W) for a vision model (its rows are the patch and class tokens).
 
     Streams block by block for models with an architecture adapter; other models run whole forward
     passes with the same hooks. ``progress`` wraps the block iterator (e.g. ``tqdm``); ``access`` loads
-    and frees each block's weights around its turn (a streamed model).
+    and frees each block's weights around its turn (a streamed model); with ``scratch`` each block's Grams
+    are written there once the block is done and the statistics read them back when asked
+    (``GramFiles``), so a whole model's Grams are never held together.
     """
     images = tokens.ndim == 4 and tokens.is_floating_point()
     if tokens.numel() == 0 or not (images or (tokens.ndim == 2 and not tokens.is_floating_point())):
@@ -376,7 +400,7 @@ def calibrate(
     tokens = tokens.to(device)
     batches = list(tokens.split(batch_size))
     start, meter = time.perf_counter(), PeakMemory(device)
-    accumulator = Accumulator(meter)
+    accumulator = Accumulator(meter, scratch)
     was_training = model.training
     model.eval()
     streamed = _has_adapter(model)
@@ -490,6 +514,7 @@ def _stream(
             outputs, kl = feed.run(i, blocks[i], accumulator, lens if i > 0 else None)
         feed.advance(outputs)
         access.done(i)
+        accumulator.spill(list(per_block[i]))
         if kl is not None:
             block_kl.append(kl)
     return block_kl if lens is not None else None

@@ -11,13 +11,14 @@ spent) or ``whitened-error`` (largest squared singular values of W L per stored 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from masa.budget import ALLOCATIONS, Knob, allocate, max_useful_rank, rank_knob
 from masa.compress.calibration import CalibrationStats
+from masa.compress.calibration.gram_files import same_input
 from masa.compress.config import CompressConfig
 from masa.compress.install import Replacement, lowrank_replacement
 from masa.compress.layout import Layout, Target
@@ -72,7 +73,7 @@ class SvdLlmOptions(LowRankOptions):
 
 def per_input(
     fn: Callable[[torch.Tensor], torch.Tensor],
-    source: dict[str, torch.Tensor],
+    source: Mapping[str, torch.Tensor],
     last_only: bool = False,
     consume: bool = False,
 ) -> Callable:
@@ -88,7 +89,7 @@ def per_input(
     def transform(name: str) -> torch.Tensor:
         if name not in cache:
             stat = source[name]
-            sharing = [key for key, value in source.items() if value is stat]
+            sharing = same_input(source, name)
             if last_only:
                 cache.clear()
             cache.update(dict.fromkeys(sharing, fn(stat)))

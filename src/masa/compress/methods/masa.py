@@ -57,6 +57,7 @@ import torch
 
 from masa.budget import spend
 from masa.compress.calibration import CalibrationStats
+from masa.compress.calibration.gram_files import same_input
 from masa.compress.config import CompressConfig
 from masa.compress.factors import FactorStore
 from masa.compress.install import Replacement, lowrank_replacement
@@ -528,7 +529,7 @@ def _projections(layout: Layout, stats: CalibrationStats) -> dict[tuple[str, str
         for t in targets:
             if t.name not in cholesky:
                 gram = stats.grams[t.name]
-                sharing = [name for name, value in stats.grams.items() if value is gram]
+                sharing = same_input(stats.grams, t.name)
                 chol, damping = damped_cholesky(gram)
                 factors.add(t.name, chol)
                 cholesky.update(dict.fromkeys(sharing, (t.name, damping)))
